@@ -1,0 +1,22 @@
+"""schedmoe: a mixture-of-experts layer that schedules its all-to-all traffic.
+
+    layer = schedmoe.MoELayer(model_dim=512, num_experts=8, hidden_dim=2048)
+    y = layer(x)              # x: [..., 512]
+    loss = task_loss + 0.01 * y.l_aux
+"""
+
+from . import a2a_algos, ops, router, schedulers  # noqa: F401  (registers the built-ins)
+from .errors import (A2AError, ConfigError, ConfigMismatchError, InputError, PeerError,
+                     RankError, RegistryError, SchedMoEError)
+from .layer import LayerStats, MoEConfig, MoELayer, expert_parameters, non_expert_parameters
+from .registry import (register_a2a, register_compressor, register_expert, register_gate,
+                       register_scheduler, registry)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MoELayer", "MoEConfig", "LayerStats", "expert_parameters", "non_expert_parameters",
+    "registry", "register_a2a", "register_compressor", "register_expert", "register_gate",
+    "register_scheduler", "SchedMoEError", "ConfigError", "ConfigMismatchError", "InputError",
+    "RegistryError", "A2AError", "PeerError", "RankError",
+]

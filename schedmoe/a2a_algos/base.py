@@ -1,0 +1,87 @@
+"""The interface every all-to-all algorithm implements, and its autograd wrapper.
+
+An algorithm has exactly the semantics of `torch.distributed.all_to_all_single`: the input is
+split on dim 0 into one slice per rank (evenly, or by `input_splits`), slice j goes to rank j,
+and the output holds the slices received, ordered by source rank (sizes `output_splits`).
+Algorithms differ only in how the bytes travel, so each can be checked against the flat one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence
+
+import torch
+
+from ..distributed import EPGroup
+from ..errors import A2AError
+
+Splits = Sequence[int] | None
+
+
+class A2AHandle:
+    """An exchange in flight; `wait()` returns the received tensor."""
+
+    def __init__(self, wait_fn: Callable[[], torch.Tensor]) -> None:
+        self._wait_fn = wait_fn
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            self._result = self._wait_fn()
+        return self._result
+
+
+class A2AAlgorithm(ABC):
+    """One way of doing all_to_all_single over an EP group. Subclasses implement `start`."""
+
+    def __init__(self, group: EPGroup) -> None:
+        self.group = group
+
+    @abstractmethod
+    def start(self, x: torch.Tensor, output_splits: Splits = None,
+              input_splits: Splits = None) -> A2AHandle:
+        """Issue the exchange of `x` and return a handle without waiting for it."""
+
+    def exchange(self, x: torch.Tensor, output_splits: Splits = None,
+                 input_splits: Splits = None) -> torch.Tensor:
+        """Blocking form of `start`."""
+        return self.start(x, output_splits, input_splits).wait()
+
+    def output_rows(self, x: torch.Tensor, output_splits: Splits, input_splits: Splits) -> int:
+        """Validate the splits against `x` and the group; return the number of output rows."""
+        world = self.group.size
+        for label, splits in (("input_splits", input_splits), ("output_splits", output_splits)):
+            if splits is not None and (len(splits) != world or any(s < 0 for s in splits)):
+                raise A2AError(f"{label} must be {world} non-negative sizes, got {list(splits)}")
+        if input_splits is None and x.shape[0] % world:
+            raise A2AError(
+                f"dim 0 of the input ({x.shape[0]}) is not divisible by the world size ({world}); "
+                "pass input_splits"
+            )
+        if input_splits is not None and sum(input_splits) != x.shape[0]:
+            raise A2AError(f"input_splits sum to {sum(input_splits)}, dim 0 is {x.shape[0]}")
+        if output_splits is None:
+            return x.shape[0]
+        return sum(output_splits)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, algo, output_splits, input_splits):  # type: ignore[override]
+        ctx.algo, ctx.output_splits, ctx.input_splits = algo, output_splits, input_splits
+        return algo.exchange(x.contiguous(), output_splits, input_splits)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        # The gradient of an exchange is the reverse exchange.
+        grad_in = ctx.algo.exchange(grad_out.contiguous(), ctx.input_splits, ctx.output_splits)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, algo: A2AAlgorithm, output_splits: Splits = None,
+               input_splits: Splits = None) -> torch.Tensor:
+    """Differentiable all_to_all_single through `algo`."""
+    splits_out = None if output_splits is None else list(output_splits)
+    splits_in = None if input_splits is None else list(input_splits)
+    return _AllToAll.apply(x, algo, splits_out, splits_in)

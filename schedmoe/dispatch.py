@@ -1,0 +1,116 @@
+"""Capacity, token dropping, and the encode/decode between tokens and expert buffers.
+
+Legend: T tokens, M model dim, E experts (global), C capacity (slots per expert), K top-k.
+
+Every (token, choice) pair gets a slot in its expert's buffer in priority order: by position
+(all first choices in token order, then all second choices, ...) or by probability (tokens
+sorted by their best gate weight, Tutel's batch-prioritised routing). Pairs whose slot is at or
+beyond the capacity limit are dropped: they contribute nothing to the output and are counted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+
+DROP_POLICIES = ("position", "probability")
+
+
+def capacity_limit(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int,
+                   needed: int) -> int:
+    """Slots per expert on this rank (Tutel's semantics).
+
+    > 0: fixed, ceil(cf * k * T / E); pad and drop.
+    0: dropless, as many as the busiest expert needs.
+    < 0: dropless, but at most ceil(|cf| * k * T / E).
+    """
+    fixed = math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts)
+    if capacity_factor > 0:
+        return fixed
+    if capacity_factor == 0:
+        return needed
+    return min(needed, fixed)
+
+
+def locate(expert_TK: torch.Tensor, num_experts: int,
+           priority_T: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot of every (token, choice) in its expert's buffer, and tokens per expert.
+
+    Choice k of every token comes before choice k+1 of any token; within a choice, tokens go in
+    `priority_T` order (descending) if given, else in position order.
+    """
+    num_tokens, top_k = expert_TK.shape
+    order_T = None
+    if priority_T is not None:
+        order_T = torch.argsort(priority_T, descending=True, stable=True)
+        expert_TK = expert_TK[order_T]
+    onehot_KTE = torch.nn.functional.one_hot(expert_TK.t(), num_experts)
+    rank_KTE = torch.cumsum(onehot_KTE.reshape(top_k * num_tokens, num_experts), dim=0)
+    rank_KTE = rank_KTE.reshape(top_k, num_tokens, num_experts)
+    slot_TK = (rank_KTE.gather(2, expert_TK.t().unsqueeze(2)).squeeze(2) - 1).t()
+    if order_T is not None:
+        slot_TK = torch.empty_like(slot_TK).index_copy_(0, order_T, slot_TK)
+    counts_E = onehot_KTE.sum(dim=(0, 1))
+    return slot_TK.contiguous(), counts_E
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept (token, choice) goes in the `[E, C, M]` buffer, and what was dropped."""
+
+    num_experts: int
+    capacity: int  # C of the buffer: the largest limit over the group
+    kept_TK: torch.Tensor  # bool: did (token, choice) get a slot
+    token_N: torch.Tensor  # token index of each kept pair (N kept pairs)
+    slot_N: torch.Tensor  # flat index expert * C + slot of each kept pair
+    weight_N: torch.Tensor  # combine weight of each kept pair (differentiable)
+    counts_E: torch.Tensor  # pairs routed to each expert, before dropping
+    dropped_E: torch.Tensor  # pairs dropped at each expert
+
+    @property
+    def kept(self) -> int:
+        return int(self.token_N.numel())
+
+    @property
+    def dropped(self) -> int:
+        return int(self.dropped_E.sum())
+
+
+def make_plan(expert_TK: torch.Tensor, weight_TK: torch.Tensor, slot_TK: torch.Tensor,
+              counts_E: torch.Tensor, limit: int, capacity: int) -> DispatchPlan:
+    """Keep the pairs whose slot is below this rank's `limit`; lay them out in C = `capacity`."""
+    if limit > capacity:
+        raise ConfigError(f"capacity limit {limit} exceeds the buffer capacity {capacity}")
+    num_experts = counts_E.numel()
+    kept_TK = slot_TK < limit
+    token_N = kept_TK.nonzero()[:, 0]
+    expert_N = expert_TK[kept_TK]
+    dropped_E = counts_E - torch.bincount(expert_N, minlength=num_experts)
+    return DispatchPlan(num_experts, capacity, kept_TK, token_N,
+                        expert_N * capacity + slot_TK[kept_TK], weight_TK[kept_TK], counts_E,
+                        dropped_E)
+
+
+def encode(x_TM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Scatter the kept tokens into a zero-padded `[E, C, M]` buffer."""
+    model_dim = x_TM.shape[-1]
+    buf = x_TM.new_zeros(plan.num_experts * plan.capacity, model_dim)
+    buf = buf.index_copy(0, plan.slot_N, x_TM.index_select(0, plan.token_N))
+    return buf.view(plan.num_experts, plan.capacity, model_dim)
+
+
+def decode(y_ECM: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
+    """Sum each token's expert outputs weighted by its gate; dropped pairs add nothing."""
+    model_dim = y_ECM.shape[-1]
+    y_NM = y_ECM.reshape(-1, model_dim).index_select(0, plan.slot_N)
+    y_NM = y_NM * plan.weight_N.unsqueeze(1).to(y_NM.dtype)
+    return y_NM.new_zeros(num_tokens, model_dim).index_add(0, plan.token_N, y_NM)
+
+
+def check_drop_policy(policy: str) -> None:
+    if policy not in DROP_POLICIES:
+        raise ConfigError(f"drop_policy must be one of {DROP_POLICIES}, got {policy!r}")

@@ -1,0 +1,37 @@
+"""Exception types raised by schedmoe.
+
+Every error a user can trigger has its own type, so callers can catch exactly what they expect,
+and every message says what to change.
+"""
+
+
+class SchedMoEError(Exception):
+    """Base class of every schedmoe error."""
+
+
+class ConfigError(SchedMoEError, ValueError):
+    """A layer or op was built with arguments that cannot work (e.g. experts % world != 0)."""
+
+
+class ConfigMismatchError(SchedMoEError):
+    """Ranks of one expert-parallel group built the layer with different arguments."""
+
+
+class InputError(SchedMoEError, ValueError):
+    """The input of a forward pass is malformed (shape, dtype, non-finite values)."""
+
+
+class RegistryError(SchedMoEError, LookupError):
+    """A plugin name is unknown, registered twice, or of the wrong type."""
+
+
+class A2AError(SchedMoEError, ValueError):
+    """An all-to-all was called with split sizes or shapes that do not fit the group."""
+
+
+class PeerError(SchedMoEError):
+    """A collective failed because a peer rank died, timed out, or never called in."""
+
+
+class RankError(SchedMoEError):
+    """One or more ranks spawned by schedmoe.launch failed; the message holds their tracebacks."""

@@ -1,0 +1,129 @@
+"""Spawn W local ranks, run a function on each, and collect what they return.
+
+Used by `schedmoe bench` and by tests (through `schedmoe.testing`). A rank that raises, dies or
+hangs turns into a `RankError` naming the rank and carrying its traceback, within `timeout`
+seconds; nothing waits for gloo's 30-minute default.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import pickle
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from .errors import RankError
+
+
+class RemoteError(Exception):
+    """Stand-in for a rank's exception that could not be pickled back."""
+
+
+def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
+          backend: str = "gloo", timeout: float = 120.0, collective_timeout: float = 20.0,
+          threads_per_rank: int = 1, return_exceptions: bool = False,
+          env: dict[str, str] | None = None) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned ranks of one process group.
+
+    Returns the ranks' return values (which must pickle), in rank order. If a rank raises, the
+    exception is raised here as a RankError with every failed rank's traceback, or, with
+    `return_exceptions=True`, returned in that rank's place (its traceback text in
+    `exc.remote_traceback`). A rank still running after `timeout` seconds dumps its stack,
+    is killed, and fails the call. `collective_timeout` bounds every collective inside the ranks.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="schedmoe-spawn-") as tmp:
+        tmpdir = Path(tmp)
+        procs = [
+            ctx.Process(target=_rank_main, daemon=False, args=(
+                fn, rank, world_size, tuple(args), backend, str(tmpdir), timeout,
+                collective_timeout, threads_per_rank, env or {}))
+            for rank in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        return _collect(tmpdir, procs, hung, timeout, return_exceptions)
+
+
+def _collect(tmpdir: Path, procs: list, hung: list[int], timeout: float,
+             return_exceptions: bool) -> list[Any]:
+    results: list[Any] = []
+    failures: list[str] = []
+    for rank, proc in enumerate(procs):
+        result_file = tmpdir / f"rank{rank}.pkl"
+        stack_file = tmpdir / f"rank{rank}.stack"
+        if result_file.exists():
+            status, value, tb = pickle.loads(result_file.read_bytes())
+            if status == "ok":
+                results.append(value)
+                continue
+            failures.append(f"--- rank {rank} raised:\n{tb}")
+            results.append(value)
+            continue
+        stack = stack_file.read_text() if stack_file.exists() else ""
+        if rank in hung:
+            why = f"rank {rank} did not finish within {timeout:.0f} s (hang?)"
+        else:
+            why = f"rank {rank} died with exit code {proc.exitcode} before returning"
+        failures.append(f"--- {why}\n{stack}")
+        err = RankError(why)
+        err.remote_traceback = stack
+        results.append(err)
+    if failures and not return_exceptions:
+        raise RankError(f"{len(failures)} of {len(procs)} ranks failed:\n" + "\n".join(failures))
+    return results
+
+
+def _rank_main(fn, rank, world_size, args, backend, tmpdir, timeout, collective_timeout,
+               threads, env) -> None:
+    os.environ.update(env)
+    tmp = Path(tmpdir)
+    stack_file = open(tmp / f"rank{rank}.stack", "w")
+    # A hung rank writes its Python stack shortly before the parent kills it.
+    faulthandler.dump_traceback_later(max(1.0, timeout - 2.0), exit=False, file=stack_file)
+    torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    result: tuple[str, Any, str]
+    try:
+        dist.init_process_group(backend, init_method=f"file://{tmp / 'rendezvous'}",
+                                rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=collective_timeout))
+        try:
+            result = ("ok", fn(rank, world_size, *args), "")
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # report everything, including KeyboardInterrupt
+        tb = traceback.format_exc()
+        exc.remote_traceback = tb
+        result = ("error", _picklable(exc, tb), tb)
+    faulthandler.cancel_dump_traceback_later()
+    (tmp / f"rank{rank}.tmp").write_bytes(pickle.dumps(result))
+    os.replace(tmp / f"rank{rank}.tmp", tmp / f"rank{rank}.pkl")
+
+
+def _picklable(exc: BaseException, tb: str) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        err = RemoteError(f"{type(exc).__name__}: {exc}")
+        err.remote_traceback = tb
+        return err

@@ -1,0 +1,99 @@
+"""Expert networks: a batch of independent FFNs applied to `[E, C, M]` with batched GEMMs.
+
+Legend: E local experts, C tokens per expert (capacity, all source ranks), M model dim,
+H hidden dim.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import register_expert
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def resolve_activation(activation: str | Callable[[torch.Tensor], torch.Tensor]):
+    if callable(activation):
+        return activation
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)} "
+                          "or pass a callable")
+    return ACTIVATIONS[activation]
+
+
+def mark_expert_parameters(module: nn.Module) -> None:
+    """Tag parameters as expert-parallel so data-parallel all-reduce can skip them.
+
+    Sets `param.expert = True` (schedmoe) and `param.allreduce = False` (DeepSpeed's convention).
+    """
+    for p in module.parameters():
+        p.expert = True
+        p.allreduce = False
+
+
+def is_expert_parameter(p: torch.Tensor) -> bool:
+    return bool(getattr(p, "expert", False))
+
+
+class Expert(nn.Module):
+    """Base class of expert modules: `forward(x_ECM) -> y_ECM` for `num_experts` local experts.
+
+    Subclasses keep this constructor signature so the layer can build any registered expert.
+    """
+
+    def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
+                 activation: str | Callable = "gelu") -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.model_dim = model_dim
+        self.hidden_dim = hidden_dim
+        self.activation = resolve_activation(activation)
+
+
+def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
+    bound = 1.0 / math.sqrt(fan_in)
+    return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+
+@register_expert("ffn")
+class FFNExpert(Expert):
+    """y = act(x @ w1 + b1) @ w2 + b2, per expert, as two batched GEMMs."""
+
+    def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
+                 activation: str | Callable = "gelu") -> None:
+        super().__init__(num_experts, model_dim, hidden_dim, activation)
+        self.w1_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
+        self.b1_EH = _uniform(num_experts, hidden_dim, fan_in=model_dim)
+        self.w2_EHM = _uniform(num_experts, hidden_dim, model_dim, fan_in=hidden_dim)
+        self.b2_EM = _uniform(num_experts, model_dim, fan_in=hidden_dim)
+
+    def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
+        h_ECH = self.activation(torch.baddbmm(self.b1_EH.unsqueeze(1), x_ECM, self.w1_EMH))
+        return torch.baddbmm(self.b2_EM.unsqueeze(1), h_ECH, self.w2_EHM)
+
+
+@register_expert("swiglu")
+class SwiGLUExpert(Expert):
+    """y = (act(x @ w1) * (x @ w3)) @ w2 per expert; the activation defaults to silu."""
+
+    def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
+                 activation: str | Callable = "silu") -> None:
+        super().__init__(num_experts, model_dim, hidden_dim, activation)
+        self.w1_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
+        self.w3_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
+        self.w2_EHM = _uniform(num_experts, hidden_dim, model_dim, fan_in=hidden_dim)
+
+    def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
+        h_ECH = self.activation(torch.bmm(x_ECM, self.w1_EMH)) * torch.bmm(x_ECM, self.w3_EMH)
+        return torch.bmm(h_ECH, self.w2_EHM)

@@ -1,0 +1,6 @@
+"""Schedulers decide the order (and overlap) of exchanges and expert compute."""
+
+from .base import Scheduler, StepContext
+from .sequential import SequentialScheduler
+
+__all__ = ["Scheduler", "StepContext", "SequentialScheduler"]

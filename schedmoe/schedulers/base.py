@@ -1,0 +1,60 @@
+"""The scheduler interface: what runs between encode and decode, in what order.
+
+Legend: W ranks in the EP group, E local experts per rank, C capacity, M model dim.
+
+The layer routes and encodes the tokens into `x_WECM` (slice w is for the experts of rank w);
+a scheduler exchanges it, runs the local experts and exchanges the results back, returning
+`y_WECM` in the same layout. Chunked schedulers split C and overlap the pieces; all must give
+the sequential schedule's result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..a2a_algos.base import A2AAlgorithm
+from ..exchange import exchange
+from ..ops.compressor import Compressor
+from ..ops.experts import Expert
+from ..timing import OpTimer
+
+
+@dataclass
+class StepContext:
+    """The ops a scheduler orchestrates for one layer call."""
+
+    experts: Expert
+    a2a: A2AAlgorithm
+    dispatch_codec: Compressor
+    combine_codec: Compressor
+    timer: OpTimer
+
+    def dispatch(self, x_WECM: torch.Tensor) -> torch.Tensor:
+        """Tokens to the ranks owning their experts (grads come back with the combine codec)."""
+        return exchange(x_WECM, self.a2a, self.dispatch_codec, self.combine_codec, self.timer,
+                        "dispatch")
+
+    def combine(self, y_WECM: torch.Tensor) -> torch.Tensor:
+        """Expert outputs back to the ranks that own the tokens."""
+        return exchange(y_WECM, self.a2a, self.combine_codec, self.dispatch_codec, self.timer,
+                        "combine")
+
+    def run_experts(self, recv_WECM: torch.Tensor) -> torch.Tensor:
+        """Local experts over every source rank's tokens; same layout in and out."""
+        world, experts, capacity, model_dim = recv_WECM.shape
+        with self.timer("experts"):
+            x_EXM = recv_WECM.transpose(0, 1).reshape(experts, world * capacity, model_dim)
+            dtype = next(self.experts.parameters(), x_EXM).dtype
+            y_EXM = self.experts(x_EXM.to(dtype)).to(recv_WECM.dtype)
+            return y_EXM.view(experts, world, capacity, model_dim).transpose(0, 1).contiguous()
+
+
+class Scheduler(ABC):
+    """Orders exchange and expert work. Subclasses take keyword options in their constructor."""
+
+    @abstractmethod
+    def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Return the combined expert outputs `y_WECM` for the encoded tokens `x_WECM`."""
