@@ -110,8 +110,8 @@ class LayerStats:
 
 
 # Error codes carried in the per-step metadata, so every rank can report another's problem.
-_OK, _BAD_SHAPE, _BAD_DTYPE, _NON_FINITE, _EMPTY = 0, 1, 2, 3, 4
-_PROBLEMS = {_BAD_SHAPE: "last dimension {} instead of model_dim",
+_OK, _BAD_SHAPE, _BAD_DTYPE, _NON_FINITE, _EMPTY, _NOT_TENSOR = 0, 1, 2, 3, 4, 5
+_PROBLEMS = {_NOT_TENSOR: "a {} instead of a torch.Tensor", _BAD_SHAPE: "last dimension {} instead of model_dim",
              _BAD_DTYPE: "a non-floating dtype", _NON_FINITE: "NaN or Inf values",
              _EMPTY: "no tokens"}
 
@@ -154,7 +154,8 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
-        timer = OpTimer(x.device)
+        device = next(self.parameters()).device
+        timer = OpTimer(device)
         problem, detail = self._check_input(x)
         num_tokens, limit = 0, 0
         if problem == _OK:
@@ -170,7 +171,7 @@ class MoELayer(nn.Module):
                                        cfg.num_experts, needed)
         fingerprint = cfg.fingerprint()
         meta_WF = all_gather_ints([*fingerprint.values(), problem, detail, limit], self.group,
-                                  x.device, "the per-step metadata exchange of MoELayer")
+                                  device, "the per-step metadata exchange of MoELayer")
         self._raise_on_problems(meta_WF, fingerprint, problem, detail)
         capacity = int(meta_WF[:, -1].max())
 
@@ -196,7 +197,7 @@ class MoELayer(nn.Module):
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         """(problem code, detail) for this rank's input; raising is left to after the sync."""
         if not isinstance(x, torch.Tensor):
-            raise InputError(f"MoELayer expects a torch.Tensor, got {type(x).__name__}")
+            return _NOT_TENSOR, 0
         if x.dim() == 0 or x.shape[-1] != self.config.model_dim:
             return _BAD_SHAPE, (x.shape[-1] if x.dim() else -1)
         if not x.is_floating_point():
@@ -230,13 +231,14 @@ class MoELayer(nn.Module):
                              f"{bad}). Fix the input on those ranks.")
 
     def _describe_problem(self, code: int, detail: int, prefix: str) -> str:
-        text = _PROBLEMS[code].format(detail)
+        text = _PROBLEMS[code].format("non-tensor" if code == _NOT_TENSOR else detail)
         if code == _BAD_SHAPE:
             text += f" ({self.config.model_dim})"
         return f"{prefix} {text}"
 
     def _input_hint(self, code: int) -> str:
         return {
+            _NOT_TENSOR: ": call the layer with a tensor shaped [..., model_dim]",
             _BAD_SHAPE: f": pass a tensor shaped [..., {self.config.model_dim}]",
             _BAD_DTYPE: ": pass float32, float16 or bfloat16 activations",
             _NON_FINITE: ": the input holds NaN/Inf (check_finite=True found it)",

@@ -1,0 +1,186 @@
+"""`schedmoe bench`: time forward + backward steps of one MoE layer on every rank.
+
+Runs under torchrun (one process per rank, already launched), or spawns local ranks itself:
+one per GPU with NCCL when CUDA GPUs are present, else 4 CPU ranks with gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .layer import MoELayer
+
+
+@dataclass
+class BenchConfig:
+    """One benchmark run: the layer, the workload and how many steps to time."""
+
+    tokens: int = 1024  # per rank
+    model_dim: int = 512
+    hidden_dim: int = 1024
+    num_experts: int = 8
+    top_k: int = 2
+    capacity_factor: float = 1.25
+    expert: str = "ffn"
+    a2a: str = "nccl"
+    compressor: str = "none"
+    scheduler: str = "sequential"
+    dtype: str = "float32"
+    steps: int = 10
+    warmup: int = 2
+    seed: int = 0
+    layer_options: dict[str, Any] = field(default_factory=dict)
+
+
+def run_rank(rank: int, world: int, cfg: BenchConfig, progress: bool = True) -> dict:
+    """Time `cfg.steps` steps on this rank; returns per-step records."""
+    device = torch.device("cuda", torch.cuda.current_device()) if _on_gpu() else torch.device("cpu")
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(cfg.seed)  # the same gate on every rank, as data parallelism would keep it
+    layer = MoELayer(cfg.model_dim, cfg.num_experts, cfg.hidden_dim, cfg.top_k,
+                     cfg.capacity_factor, expert=cfg.expert, a2a=cfg.a2a,
+                     compressor=cfg.compressor, scheduler=cfg.scheduler,
+                     **cfg.layer_options).to(device)
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1009 + rank)
+    x = torch.randn(cfg.tokens, cfg.model_dim, generator=g).to(device, dtype).requires_grad_()
+    steps = []
+    total = cfg.warmup + cfg.steps
+    for i in range(total):
+        t0 = time.perf_counter()
+        y = layer(x)
+        _sync(device)
+        t1 = time.perf_counter()
+        (y.float().square().mean() + 0.01 * y.l_aux).backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        stats = layer.last_stats
+        if i >= cfg.warmup:
+            steps.append({"forward_ms": 1e3 * (t1 - t0), "backward_ms": 1e3 * (t2 - t1),
+                          "step_ms": 1e3 * (t2 - t0), "op_ms": stats.op_ms,
+                          "dropped": stats.dropped, "processed": stats.processed,
+                          "capacity": stats.capacity})
+        if progress and rank == 0:
+            _progress(i + 1, total, 1e3 * (t2 - t0))
+    if progress and rank == 0:
+        print(file=sys.stderr)
+    return {"rank": rank, "device": str(device), "steps": steps}
+
+
+def _on_gpu() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _progress(done: int, total: int, step_ms: float) -> None:
+    width = 30
+    filled = width * done // total
+    bar = "#" * filled + "." * (width - filled)
+    print(f"\r  [{bar}] step {done}/{total}  {step_ms:8.1f} ms", end="", file=sys.stderr,
+          flush=True)
+
+
+def summarize(cfg: BenchConfig, per_rank: list[dict], backend: str) -> dict:
+    """Medians over steps, then mean (ops) or max (step) over ranks."""
+    world = len(per_rank)
+    ops = list(dict.fromkeys(op for r in per_rank for s in r["steps"] for op in s["op_ms"]))
+
+    def median(rank_result: dict, key: str, op: str | None = None) -> float:
+        values = [(s["op_ms"].get(op, 0.0) if op else s[key]) for s in rank_result["steps"]]
+        return statistics.median(values)
+
+    op_ms = {op: statistics.mean(median(r, "", op) for r in per_rank) for op in ops}
+    step_ms = max(median(r, "step_ms") for r in per_rank)
+    dropped = sum(median(r, "dropped") for r in per_rank)
+    pairs = world * cfg.tokens * cfg.top_k
+    return {
+        "config": asdict(cfg), "world_size": world, "backend": backend,
+        "device": per_rank[0]["device"],
+        "device_name": (torch.cuda.get_device_name() if backend == "nccl" else "cpu"),
+        "forward_ms": max(median(r, "forward_ms") for r in per_rank),
+        "backward_ms": max(median(r, "backward_ms") for r in per_rank),
+        "step_ms": step_ms,
+        "tokens_per_s": world * cfg.tokens / (step_ms / 1e3),
+        "dropped_pairs": dropped, "dropped_fraction": dropped / pairs,
+        "capacity": per_rank[0]["steps"][-1]["capacity"],
+        "op_ms": op_ms, "per_rank": per_rank,
+    }
+
+
+def format_table(summary: dict) -> str:
+    cfg = summary["config"]
+    lines = [
+        f"schedmoe bench: {summary['world_size']} ranks ({summary['backend']}, "
+        f"{summary['device_name']}), {cfg['tokens']} tokens/rank, model_dim {cfg['model_dim']}, "
+        f"hidden {cfg['hidden_dim']}, {cfg['num_experts']} experts, top-{cfg['top_k']}, "
+        f"capacity_factor {cfg['capacity_factor']} (C={summary['capacity']}), "
+        f"a2a={cfg['a2a']}, compressor={cfg['compressor']}, scheduler={cfg['scheduler']}, "
+        f"{cfg['dtype']}",
+        "",
+        f"{'op':<28}{'median ms':>12}{'share':>9}",
+        "-" * 49,
+    ]
+    total = sum(summary["op_ms"].values()) or 1.0
+    for op, ms in summary["op_ms"].items():
+        lines.append(f"{op:<28}{ms:>12.2f}{100 * ms / total:>8.1f}%")
+    lines += [
+        "-" * 49,
+        f"{'forward (slowest rank)':<28}{summary['forward_ms']:>12.2f}",
+        f"{'backward (slowest rank)':<28}{summary['backward_ms']:>12.2f}",
+        f"{'step (slowest rank)':<28}{summary['step_ms']:>12.2f}",
+        "",
+        f"throughput: {summary['tokens_per_s']:,.0f} tokens/s over all ranks",
+        f"dropped: {summary['dropped_pairs']:.0f} of "
+        f"{summary['world_size'] * cfg['tokens'] * cfg['top_k']} (token, expert) pairs per step "
+        f"({100 * summary['dropped_fraction']:.2f}%)",
+        "ops ending in .bwd run inside backward; 'experts' excludes its backward GEMMs.",
+    ]
+    return "\n".join(lines)
+
+
+def run(cfg: BenchConfig, ranks: int | None = None, timeout: float = 600.0) -> dict:
+    """Run under torchrun if launched by it, else spawn local ranks; returns the summary."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return _run_torchrun(cfg, timeout)
+    from .launch import spawn
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend = "nccl" if gpus else "gloo"
+    world = ranks or (gpus if gpus else 4)
+    threads = 1 if gpus else max(1, (os.cpu_count() or 1) // world)
+    per_rank = spawn(run_rank, world, (cfg,), backend=backend, timeout=timeout,
+                     collective_timeout=120.0, threads_per_rank=threads)
+    return summarize(cfg, per_rank, backend)
+
+
+def _run_torchrun(cfg: BenchConfig, timeout: float) -> dict:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    try:
+        mine = run_rank(dist.get_rank(), dist.get_world_size(), cfg)
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+    finally:
+        dist.destroy_process_group()
+    return summarize(cfg, gathered, backend)
+
+
+def save_json(summary: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)

@@ -1,0 +1,80 @@
+"""Every registered A2A algorithm against torch.distributed.all_to_all_single."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from schedmoe.a2a_algos import all_to_all
+from schedmoe.distributed import EPGroup
+from schedmoe.errors import A2AError
+from schedmoe.registry import registry
+from schedmoe.testing import run_ranks
+
+DTYPES = [torch.float32, torch.bfloat16, torch.uint8]
+
+
+def random_splits(world: int, seed: int) -> list[list[int]]:
+    """splits[src][dst]: rows rank src sends to rank dst, zeros included."""
+    g = torch.Generator().manual_seed(seed)
+    splits = torch.randint(0, 5, (world, world), generator=g)
+    splits[torch.rand(world, world, generator=g) < 0.25] = 0
+    return splits.tolist()
+
+
+def payload(rank: int, rows: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (rows, 3), generator=g, dtype=torch.uint8)
+    return torch.randn(rows, 3, generator=g).to(dtype)
+
+
+def check_algorithms(rank: int, world: int, names: list[str]) -> int:
+    group = EPGroup.resolve(None)
+    checked = 0
+    for name in names:
+        algo = registry("a2a").get(name)(group)
+        for seed in range(3):
+            splits = random_splits(world, seed)
+            send = [splits[rank][d] for d in range(world)]
+            recv = [splits[s][rank] for s in range(world)]
+            for dtype in DTYPES:
+                x = payload(rank, sum(send), dtype, seed)
+                expected = x.new_empty(sum(recv), 3)
+                dist.all_to_all_single(expected, x, recv, send)
+                assert torch.equal(algo.exchange(x, recv, send), expected), (name, seed, dtype)
+                assert torch.equal(algo.start(x, recv, send).wait(), expected)
+                checked += 1
+            # even splits (no split sizes given)
+            x = payload(rank, 2 * world, torch.float32, seed)
+            expected = torch.empty_like(x)
+            dist.all_to_all_single(expected, x)
+            assert torch.equal(algo.exchange(x), expected)
+            # gradient: the reverse exchange of the output gradient
+            x = payload(rank, sum(send), torch.float32, seed).requires_grad_()
+            grad_out = payload(rank + 7, sum(recv), torch.float32, seed)
+            (all_to_all(x, algo, recv, send) * grad_out).sum().backward()
+            expected_grad = torch.empty(sum(send), 3)
+            dist.all_to_all_single(expected_grad, grad_out, send, recv)
+            assert torch.equal(x.grad, expected_grad), (name, seed, "grad")
+        with pytest.raises(A2AError, match="input_splits sum to"):
+            algo.exchange(torch.zeros(3, 2), [1] * world, [5] + [0] * (world - 1))
+        with pytest.raises(A2AError, match=f"must be {world} non-negative sizes"):
+            algo.exchange(torch.zeros(3, 2), [1] * world, [3])
+    return checked
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_algorithms_match_all_to_all_single(world):
+    names = registry("a2a").names()
+    counts = run_ranks(check_algorithms, world, names, timeout=180)
+    assert counts == [len(names) * 3 * len(DTYPES)] * world
+
+
+def test_single_process_is_identity():
+    algo = registry("a2a").get("nccl")(EPGroup.resolve(None))
+    x = torch.randn(5, 2)
+    assert torch.equal(algo.exchange(x), x)
+    with pytest.raises(A2AError, match="not divisible"):
+        registry("a2a").get("nccl")(EPGroup(None, 0, 2)).exchange(torch.zeros(3, 1))
