@@ -43,6 +43,7 @@ class MoEConfig:
     expert: str | type = "ffn"
     activation: str | Callable | None = None  # None: the expert's default
     a2a: str | type = "nccl"
+    local_size: int | None = None  # ranks per node for hierarchical A2A; None: LOCAL_WORLD_SIZE
     compressor: str | type = "none"
     scheduler: str | type = "sequential"
     gate: str | type = "topk"
@@ -77,6 +78,7 @@ class MoEConfig:
             "num_experts": self.num_experts,
             "hidden_dim": self.hidden_dim,
             "top_k": self.top_k,
+            "local_size": self.local_size or 0,
             "capacity_factor": struct.unpack("<q", struct.pack("<d", self.capacity_factor))[0],
             "plugin names (expert/activation/a2a/compressor/scheduler/gate/drop_policy)":
                 zlib.crc32("|".join(names).encode()),
@@ -144,7 +146,7 @@ class MoELayer(nn.Module):
         self.experts = registry("expert").resolve(cfg.expert)(
             self.num_local_experts, model_dim, hidden_dim, **expert_args)
         mark_expert_parameters(self.experts)
-        self.a2a = registry("a2a").resolve(cfg.a2a)(self.group)
+        self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, cfg.local_size)
         self.dispatch_codec = registry("compressor").resolve(cfg.compressor)()
         self.combine_codec = self.dispatch_codec
         self.scheduler = registry("scheduler").resolve(cfg.scheduler)()

@@ -30,11 +30,15 @@ def payload(rank: int, rows: int, dtype: torch.dtype, seed: int) -> torch.Tensor
     return torch.randn(rows, 3, generator=g).to(dtype)
 
 
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def check_algorithms(rank: int, world: int, names: list[str]) -> int:
     group = EPGroup.resolve(None)
     checked = 0
-    for name in names:
-        algo = registry("a2a").get(name)(group)
+    for name, local_size in [(n, L) for n in names for L in divisors(world)]:
+        algo = registry("a2a").get(name)(group, local_size)
         for seed in range(3):
             splits = random_splits(world, seed)
             send = [splits[rank][d] for d in range(world)]
@@ -43,7 +47,8 @@ def check_algorithms(rank: int, world: int, names: list[str]) -> int:
                 x = payload(rank, sum(send), dtype, seed)
                 expected = x.new_empty(sum(recv), 3)
                 dist.all_to_all_single(expected, x, recv, send)
-                assert torch.equal(algo.exchange(x, recv, send), expected), (name, seed, dtype)
+                assert torch.equal(algo.exchange(x, recv, send), expected), \
+                    (name, local_size, seed, dtype)
                 assert torch.equal(algo.start(x, recv, send).wait(), expected)
                 checked += 1
             # even splits (no split sizes given)
@@ -57,7 +62,7 @@ def check_algorithms(rank: int, world: int, names: list[str]) -> int:
             (all_to_all(x, algo, recv, send) * grad_out).sum().backward()
             expected_grad = torch.empty(sum(send), 3)
             dist.all_to_all_single(expected_grad, grad_out, send, recv)
-            assert torch.equal(x.grad, expected_grad), (name, seed, "grad")
+            assert torch.equal(x.grad, expected_grad), (name, local_size, seed, "grad")
         with pytest.raises(A2AError, match="input_splits sum to"):
             algo.exchange(torch.zeros(3, 2), [1] * world, [5] + [0] * (world - 1))
         with pytest.raises(A2AError, match=f"must be {world} non-negative sizes"):
@@ -65,11 +70,12 @@ def check_algorithms(rank: int, world: int, names: list[str]) -> int:
     return checked
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 6, 8])
 def test_algorithms_match_all_to_all_single(world):
     names = registry("a2a").names()
-    counts = run_ranks(check_algorithms, world, names, timeout=180)
-    assert counts == [len(names) * 3 * len(DTYPES)] * world
+    assert {"nccl", "2dh", "pipe"} <= set(names)
+    counts = run_ranks(check_algorithms, world, names, timeout=300)
+    assert counts == [len(names) * len(divisors(world)) * 3 * len(DTYPES)] * world
 
 
 def test_single_process_is_identity():

@@ -15,6 +15,7 @@ import torch
 
 from ..distributed import EPGroup
 from ..errors import A2AError
+from ..topology import Topology, topology
 
 Splits = Sequence[int] | None
 
@@ -33,10 +34,23 @@ class A2AHandle:
 
 
 class A2AAlgorithm(ABC):
-    """One way of doing all_to_all_single over an EP group. Subclasses implement `start`."""
+    """One way of doing all_to_all_single over an EP group. Subclasses implement `start`.
 
-    def __init__(self, group: EPGroup) -> None:
+    `local_size` is the number of ranks per node (default: torchrun's LOCAL_WORLD_SIZE); only
+    topology-aware algorithms use it, through `self.topology`.
+    """
+
+    def __init__(self, group: EPGroup, local_size: int | None = None) -> None:
         self.group = group
+        self.local_size = local_size
+        self._topology: Topology | None = None
+
+    @property
+    def topology(self) -> Topology:
+        """Node layout and sub-communicators, created on first use (a collective step)."""
+        if self._topology is None:
+            self._topology = topology(self.group, self.local_size)
+        return self._topology
 
     @abstractmethod
     def start(self, x: torch.Tensor, output_splits: Splits = None,
@@ -64,6 +78,14 @@ class A2AAlgorithm(ABC):
         if output_splits is None:
             return x.shape[0]
         return sum(output_splits)
+
+    def split_sizes(self, x: torch.Tensor, output_splits: Splits,
+                    input_splits: Splits) -> tuple[list[int], list[int]]:
+        """(send, recv) rows per rank, even splits filled in; validates like `output_rows`."""
+        self.output_rows(x, output_splits, input_splits)
+        even = [x.shape[0] // self.group.size] * self.group.size
+        return (even if input_splits is None else list(input_splits),
+                even if output_splits is None else list(output_splits))
 
 
 class _AllToAll(torch.autograd.Function):

@@ -1,0 +1,108 @@
+"""2D hierarchical all-to-all (`2dh`) and its sliced, pipelined variant (`2dh-pipe`).
+
+P = N nodes x L ranks per node. Phase 1: regroup the rows by destination local index, exchange
+within the node. Phase 2: regroup by destination node, exchange among the ranks with the same
+local index. Each rank sends L-1 intra-node and N-1 inter-node messages (flat: L-1 and P-L).
+The result is ordered by source rank, exactly as all_to_all_single's.
+
+`2dh-pipe` cuts every (source, destination) segment into slices and runs the two phases as a
+pipeline: slice i's inter-node phase is in flight while slice i+1's intra-node phase runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..distributed import EPGroup, all_gather_ints, collective
+from ..registry import register_a2a
+from .base import A2AAlgorithm, A2AHandle, Splits
+from .segments import regroup, split_evenly
+
+
+def _start_a2a(x: torch.Tensor, recv: list[int], send: list[int], group: EPGroup, what: str):
+    """Issue all_to_all_single on `group`; returns a function that waits and gives the output."""
+    if group.size == 1:
+        return lambda: x
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    with collective(what, group):
+        work = dist.all_to_all_single(out, x, recv, send, group=group.pg, async_op=True)
+
+    def wait() -> torch.Tensor:
+        with collective(what, group):
+            work.wait()
+        return out
+
+    return wait
+
+
+@register_a2a("2dh")
+class Hierarchical2D(A2AAlgorithm):
+    """Two-phase hierarchical exchange (Tutel / DeepSpeed style)."""
+
+    slices = 1
+
+    def start(self, x: torch.Tensor, output_splits: Splits = None,
+              input_splits: Splits = None) -> A2AHandle:
+        send, recv = self.split_sizes(x, output_splits, input_splits)
+        if not self.group.distributed:
+            return A2AHandle(lambda: x)
+        topo = self.topology
+        # node_sizes[l][d]: rows that local rank l of this node sends to group rank d.
+        if input_splits is None and output_splits is None:
+            node_sizes = [send] * topo.local_size
+        else:
+            node_sizes = all_gather_ints(send, topo.intra, x.device,
+                                         "2dh split-size exchange").tolist()
+        x = x.contiguous()
+        if self.slices == 1:
+            return A2AHandle(self._two_phases(x, send, recv, node_sizes))
+        return A2AHandle(self._pipelined(x, send, recv, node_sizes))
+
+    def _two_phases(self, x, send, recv, node_sizes):
+        """Issue phase 1 now; the returned function finishes phase 1 and runs phase 2."""
+        topo = self.topology
+        L, N, me = topo.local_size, topo.num_nodes, topo.local_rank
+        # Phase 1: [dest node][dest local] -> [dest local][dest node], exchange in the node.
+        x1 = regroup(x, [send[n * L:(n + 1) * L] for n in range(N)])
+        in1 = [sum(send[n * L + j] for n in range(N)) for j in range(L)]
+        # What arrives from local rank l: its rows for (node n, local me), for every n.
+        arrive_LN = [[node_sizes[l][n * L + me] for n in range(N)] for l in range(L)]
+        wait1 = _start_a2a(x1, [sum(row) for row in arrive_LN], in1, topo.intra,
+                           "2dh intra-node all-to-all")
+
+        def finish() -> torch.Tensor:
+            # Phase 2: [source local][dest node] -> [dest node][source local], exchange across.
+            x2 = regroup(wait1(), arrive_LN)
+            in2 = [sum(arrive_LN[l][n] for l in range(L)) for n in range(N)]
+            out2 = [sum(recv[n * L:(n + 1) * L]) for n in range(N)]
+            return _start_a2a(x2, out2, in2, topo.inter, "2dh inter-node all-to-all")()
+
+        return finish
+
+    def _pipelined(self, x, send, recv, node_sizes):
+        """Slice every segment; phase 1 of all slices is issued at once, each slice's phase 2
+        as soon as its phase 1 lands, so inter-node transfers overlap intra-node ones."""
+        S = self.slices
+        cut = lambda sizes: [split_evenly(s, S) for s in sizes]  # noqa: E731  [segment][slice]
+        send_WS, recv_WS = cut(send), cut(recv)
+        node_WS = [cut(row) for row in node_sizes]
+        x_slices = torch.split(regroup(x, send_WS), [sum(c[i] for c in send_WS) for i in range(S)])
+        finishers = [
+            self._two_phases(x_slices[i].contiguous(), [c[i] for c in send_WS],
+                             [c[i] for c in recv_WS], [[c[i] for c in row] for row in node_WS])
+            for i in range(S)
+        ]
+
+        def finish() -> torch.Tensor:
+            out_SW = torch.cat([f() for f in finishers])  # [slice][source]
+            return regroup(out_SW, [[c[i] for c in recv_WS] for i in range(S)])
+
+        return finish
+
+
+@register_a2a("2dh-pipe")
+class PipelinedHierarchical2D(Hierarchical2D):
+    """`2dh` with each message cut into 4 slices whose two phases are pipelined."""
+
+    slices = 4
