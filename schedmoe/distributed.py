@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Iterator, Sequence
 
 import torch
@@ -36,6 +37,15 @@ class EPGroup:
     @property
     def distributed(self) -> bool:
         return self.pg is not None
+
+    def timeout(self) -> timedelta | None:
+        """The collective timeout the group was created with (None if unknown)."""
+        if self.pg is None:
+            return None
+        try:  # no public accessor; every backend's options carry it
+            return self.pg._get_backend(torch.device("cpu")).options._timeout
+        except (AttributeError, RuntimeError):
+            return None
 
     def describe(self) -> str:
         return f"rank {self.rank} of an EP group of {self.size}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from .distributed import EPGroup
+from .distributed import EPGroup, collective
 from .errors import ConfigError
 
 
@@ -69,14 +69,16 @@ def topology(group: EPGroup, local_size: int | None = None) -> Topology:
         inter_ranks = [ranks[n * local + local_rank] for n in range(group.size // local)]
         _CACHE[key] = Topology(
             group, local,
-            intra=_subgroup(intra_ranks, local_rank),
-            inter=_subgroup(inter_ranks, node),
-            spare=_subgroup(list(ranks), group.rank),
+            intra=_subgroup(intra_ranks, local_rank, group),
+            inter=_subgroup(inter_ranks, node, group),
+            spare=_subgroup(list(ranks), group.rank, group),
         )
     return _CACHE[key]
 
 
-def _subgroup(global_ranks: list[int], my_rank: int) -> EPGroup:
+def _subgroup(global_ranks: list[int], my_rank: int, parent: EPGroup) -> EPGroup:
     # Only the members call new_group (local synchronisation), so nodes need not agree on order.
-    pg = dist.new_group(global_ranks, use_local_synchronization=True)
+    with collective(f"creating the sub-group of ranks {global_ranks}", parent):
+        pg = dist.new_group(global_ranks, timeout=parent.timeout(),
+                            use_local_synchronization=True)
     return EPGroup(pg, my_rank, len(global_ranks))

@@ -84,3 +84,26 @@ def test_single_process_is_identity():
     assert torch.equal(algo.exchange(x), x)
     with pytest.raises(A2AError, match="not divisible"):
         registry("a2a").get("nccl")(EPGroup(None, 0, 2)).exchange(torch.zeros(3, 1))
+
+
+def dies_mid_exchange(rank: int, world: int, name: str, before_topology: bool):
+    algo = registry("a2a").get(name)(EPGroup.resolve(None), 2)
+    if not before_topology:
+        algo.topology  # noqa: B018  (creates the sub-groups on every rank)
+    if rank == world - 1:
+        import os
+        os._exit(5)
+    algo.exchange(torch.randn(4 * world, 3))
+
+
+@pytest.mark.parametrize("names,before_topology", [(None, False), (["2dh"], True)])
+def test_dead_rank_fails_every_algorithm_clearly(names, before_topology):
+    """A rank dies in the exchange (or while the sub-groups are being created)."""
+    from schedmoe.errors import PeerError, RankError
+    for name in names or registry("a2a").names():
+        results = run_ranks(dies_mid_exchange, 4, name, before_topology, return_exceptions=True,
+                            collective_timeout=4, timeout=40)
+        assert isinstance(results[-1], RankError) and "exit code 5" in str(results[-1])
+        for rank, res in enumerate(results[:-1]):
+            assert isinstance(res, PeerError), (name, rank, res)
+            assert "peer rank died" in str(res)

@@ -128,3 +128,23 @@ def test_single_process_matches_reference():
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_expert_parallel_matches_reference(world):
     assert_drops_as_designed(run_ranks(check_all_cases, world, timeout=240))
+
+
+def layer_outputs_per_algorithm(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for name in ("nccl", "2dh", "pipe", "2dh-pipe"):
+        torch.manual_seed(7)  # identical weights for every algorithm
+        layer = schedmoe.MoELayer(M, E, H, top_k=2, capacity_factor=1.0, a2a=name, local_size=2)
+        x = torch.randn(10 + 3 * rank, M, generator=torch.Generator().manual_seed(rank))
+        x.requires_grad_()
+        y = layer(x)
+        (y.square().sum() + y.l_aux).backward()
+        out[name] = [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+    return out
+
+
+def test_layer_identical_across_a2a_algorithms():
+    for rank_out in run_ranks(layer_outputs_per_algorithm, 4, timeout=120):
+        for name, tensors in rank_out.items():
+            for got, want in zip(tensors, rank_out["nccl"]):
+                assert torch.equal(got, want), name
