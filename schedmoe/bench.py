@@ -122,13 +122,16 @@ def summarize(cfg: BenchConfig, per_rank: list[dict], backend: str) -> dict:
 
 def format_table(summary: dict) -> str:
     cfg = summary["config"]
+    emulated = summary.get("emulated")
+    where = (f", emulated {emulated['nodes']} nodes x {emulated['ranks_per_node']} ranks at "
+             f"{emulated['rate']}" if emulated else "")
     lines = [
         f"schedmoe bench: {summary['world_size']} ranks ({summary['backend']}, "
         f"{summary['device_name']}), {cfg['tokens']} tokens/rank, model_dim {cfg['model_dim']}, "
         f"hidden {cfg['hidden_dim']}, {cfg['num_experts']} experts, top-{cfg['top_k']}, "
         f"capacity_factor {cfg['capacity_factor']} (C={summary['capacity']}), "
         f"a2a={cfg['a2a']}, compressor={cfg['compressor']}, scheduler={cfg['scheduler']}, "
-        f"{cfg['dtype']}",
+        f"{cfg['dtype']}{where}",
         "",
         f"{'op':<28}{'median ms':>12}{'share':>9}",
         "-" * 49,

@@ -1,0 +1,54 @@
+"""The emulated cluster: runs a real multi-node job under root, explains itself otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from schedmoe import emulate
+
+REASON = emulate.can_emulate()
+
+
+def test_non_root_gets_a_clear_error(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(emulate.EmulationError, match="needs root"):
+        with emulate.EmulatedCluster(emulate.ClusterSpec()):
+            pass
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("smoe")}
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"cannot emulate a cluster here: {REASON}")
+@pytest.mark.parametrize("a2a", ["pipe", "2dh"])
+def test_bench_on_emulated_two_nodes(tmp_path, a2a):
+    before = namespaces()
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "schedmoe.cli", "bench", "--emulate-nodes", "2", "--ranks", "2",
+         "--inter-node-rate", "500mbit", "--tokens", "64", "--model-dim", "32",
+         "--hidden-dim", "64", "--num-experts", "4", "--steps", "2", "--warmup", "1",
+         "--a2a", a2a, "--json", str(out), "--timeout", "120"],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "emulated 2 nodes x 2 ranks at 500mbit" in proc.stdout
+    summary = json.loads(out.read_text())
+    assert summary["world_size"] == 4 and summary["config"]["a2a"] == a2a
+    assert namespaces() == before, "the emulated cluster left namespaces behind"
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"cannot emulate a cluster here: {REASON}")
+def test_failed_node_is_reported_and_cleaned_up():
+    before = namespaces()
+    with pytest.raises(emulate.EmulationError, match="node 0 exited"):
+        with emulate.EmulatedCluster(emulate.ClusterSpec(nodes=2, ranks_per_node=1)) as c:
+            assert len(namespaces() - before) == 3  # two nodes and the switch
+            c.launch(["schedmoe.no_such_module"], timeout=60)
+    assert namespaces() == before
