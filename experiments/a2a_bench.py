@@ -23,7 +23,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
-ALGOS = ["nccl", "2dh", "pipe", "2dh-pipe"]
+ALGOS = ["nccl", "2dh", "pipe"]  # results/a2a_bench.json also has the removed "2dh-pipe"
 ROW_BYTES = 1024
 
 

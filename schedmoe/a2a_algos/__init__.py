@@ -2,8 +2,7 @@
 
 from .base import A2AAlgorithm, A2AHandle, all_to_all
 from .flat import FlatA2A
-from .hierarchical import Hierarchical2D, PipelinedHierarchical2D
+from .hierarchical import Hierarchical2D
 from .pipe import PipeA2A
 
-__all__ = ["A2AAlgorithm", "A2AHandle", "all_to_all", "FlatA2A", "Hierarchical2D",
-           "PipelinedHierarchical2D", "PipeA2A"]
+__all__ = ["A2AAlgorithm", "A2AHandle", "all_to_all", "FlatA2A", "Hierarchical2D", "PipeA2A"]

@@ -1,12 +1,12 @@
-"""2D hierarchical all-to-all (`2dh`) and its sliced, pipelined variant (`2dh-pipe`).
+"""2D hierarchical all-to-all (`2dh`).
 
 P = N nodes x L ranks per node. Phase 1: regroup the rows by destination local index, exchange
 within the node. Phase 2: regroup by destination node, exchange among the ranks with the same
 local index. Each rank sends L-1 intra-node and N-1 inter-node messages (flat: L-1 and P-L).
 The result is ordered by source rank, exactly as all_to_all_single's.
 
-`2dh-pipe` cuts every (source, destination) segment into slices and runs the two phases as a
-pipeline: slice i's inter-node phase is in flight while slice i+1's intra-node phase runs.
+A sliced variant that pipelined the two phases (slice i's inter-node phase during slice i+1's
+intra-node phase) was measured and removed: 0.17x-0.85x of flat on 2 x 2 (docs/a2a.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from ..distributed import EPGroup, all_gather_ints, collective
 from ..registry import register_a2a
 from .base import A2AAlgorithm, A2AHandle, Splits
-from .segments import regroup, split_evenly
+from .segments import regroup
 
 
 def _start_a2a(x: torch.Tensor, recv: list[int], send: list[int], group: EPGroup, what: str):
@@ -40,8 +40,6 @@ def _start_a2a(x: torch.Tensor, recv: list[int], send: list[int], group: EPGroup
 class Hierarchical2D(A2AAlgorithm):
     """Two-phase hierarchical exchange (Tutel / DeepSpeed style)."""
 
-    slices = 1
-
     def start(self, x: torch.Tensor, output_splits: Splits = None,
               input_splits: Splits = None) -> A2AHandle:
         send, recv = self.split_sizes(x, output_splits, input_splits)
@@ -54,10 +52,7 @@ class Hierarchical2D(A2AAlgorithm):
         else:
             node_sizes = all_gather_ints(send, topo.intra, x.device,
                                          "2dh split-size exchange").tolist()
-        x = x.contiguous()
-        if self.slices == 1:
-            return A2AHandle(self._two_phases(x, send, recv, node_sizes))
-        return A2AHandle(self._pipelined(x, send, recv, node_sizes))
+        return A2AHandle(self._two_phases(x.contiguous(), send, recv, node_sizes))
 
     def _two_phases(self, x, send, recv, node_sizes):
         """Issue phase 1 now; the returned function finishes phase 1 and runs phase 2."""
@@ -79,30 +74,3 @@ class Hierarchical2D(A2AAlgorithm):
             return _start_a2a(x2, out2, in2, topo.inter, "2dh inter-node all-to-all")()
 
         return finish
-
-    def _pipelined(self, x, send, recv, node_sizes):
-        """Slice every segment; phase 1 of all slices is issued at once, each slice's phase 2
-        as soon as its phase 1 lands, so inter-node transfers overlap intra-node ones."""
-        S = self.slices
-        cut = lambda sizes: [split_evenly(s, S) for s in sizes]  # noqa: E731  [segment][slice]
-        send_WS, recv_WS = cut(send), cut(recv)
-        node_WS = [cut(row) for row in node_sizes]
-        x_slices = torch.split(regroup(x, send_WS), [sum(c[i] for c in send_WS) for i in range(S)])
-        finishers = [
-            self._two_phases(x_slices[i].contiguous(), [c[i] for c in send_WS],
-                             [c[i] for c in recv_WS], [[c[i] for c in row] for row in node_WS])
-            for i in range(S)
-        ]
-
-        def finish() -> torch.Tensor:
-            out_SW = torch.cat([f() for f in finishers])  # [slice][source]
-            return regroup(out_SW, [[c[i] for c in recv_WS] for i in range(S)])
-
-        return finish
-
-
-@register_a2a("2dh-pipe")
-class PipelinedHierarchical2D(Hierarchical2D):
-    """`2dh` with each message cut into 4 slices whose two phases are pipelined."""
-
-    slices = 4

@@ -20,12 +20,6 @@ def regroup(x: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
     return torch.cat([pieces[a * num_b + b] for b in range(num_b) for a in range(num_a)])
 
 
-def split_evenly(total: int, parts: int) -> list[int]:
-    """`parts` sizes that differ by at most one and sum to `total`."""
-    base, extra = divmod(total, parts)
-    return [base + (1 if i < extra else 0) for i in range(parts)]
-
-
 def offsets(sizes: list[int]) -> list[int]:
     """Start row of each segment, plus the total at the end."""
     out = [0]
