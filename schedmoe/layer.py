@@ -24,10 +24,12 @@ from torch import nn
 from .distributed import EPGroup, all_gather_ints
 from .dispatch import capacity_limit, check_drop_policy, decode, encode, locate, make_plan
 from .errors import ConfigError, ConfigMismatchError, InputError
+from .ops.codec_set import CodecSet
+from .ops.compressor import Compressor
 from .ops.experts import mark_expert_parameters
 from .registry import registry
 from .schedulers.base import StepContext
-from .timing import OpTimer
+from .recorder import StepRecorder
 
 
 @dataclass
@@ -44,7 +46,7 @@ class MoEConfig:
     activation: str | Callable | None = None  # None: the expert's default
     a2a: str | type = "nccl"
     local_size: int | None = None  # ranks per node for hierarchical A2A; None: LOCAL_WORLD_SIZE
-    compressor: str | type = "none"
+    compressor: str | type | Compressor | dict = "none"  # one codec, or per exchange
     scheduler: str | type = "sequential"
     gate: str | type = "topk"
     normalize_weights: bool = True
@@ -72,7 +74,8 @@ class MoEConfig:
     def fingerprint(self) -> dict[str, int]:
         """Integers that must agree across ranks (names are hashed, floats bit-cast)."""
         names = [_spec_name(getattr(self, f)) for f in
-                 ("expert", "activation", "a2a", "compressor", "scheduler", "gate", "drop_policy")]
+                 ("expert", "activation", "a2a", "scheduler", "gate", "drop_policy")]
+        names.append(CodecSet.build(self.compressor).describe())
         return {
             "model_dim": self.model_dim,
             "num_experts": self.num_experts,
@@ -80,7 +83,7 @@ class MoEConfig:
             "top_k": self.top_k,
             "local_size": self.local_size or 0,
             "capacity_factor": struct.unpack("<q", struct.pack("<d", self.capacity_factor))[0],
-            "plugin names (expert/activation/a2a/compressor/scheduler/gate/drop_policy)":
+            "plugin names (expert/activation/a2a/scheduler/gate/drop_policy/compressor)":
                 zlib.crc32("|".join(names).encode()),
         }
 
@@ -103,12 +106,17 @@ class LayerStats:
     processed: int  # pairs that reached an expert
     dropped: int  # pairs dropped; processed + dropped == tokens * top_k
     kept_TK: torch.Tensor = field(repr=False)  # bool [T, K]: which (token, choice) pairs were kept
-    timer: OpTimer = field(repr=False)
+    timer: StepRecorder = field(repr=False)
 
     @property
     def op_ms(self) -> dict[str, float]:
         """Milliseconds per op; backward ops (`*.bwd`) appear once backward has run."""
         return self.timer.milliseconds()
+
+    @property
+    def wire_bytes(self) -> dict[str, tuple[int, int]]:
+        """(payload bytes, bytes on the wire) sent by this rank per exchange, backward included."""
+        return {name: (raw, wire) for name, (raw, wire) in self.timer.bytes.items()}
 
 
 # Error codes carried in the per-step metadata, so every rank can report another's problem.
@@ -147,8 +155,7 @@ class MoELayer(nn.Module):
             self.num_local_experts, model_dim, hidden_dim, **expert_args)
         mark_expert_parameters(self.experts)
         self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, cfg.local_size)
-        self.dispatch_codec = registry("compressor").resolve(cfg.compressor)()
-        self.combine_codec = self.dispatch_codec
+        self.codecs = CodecSet.build(cfg.compressor)
         self.scheduler = registry("scheduler").resolve(cfg.scheduler)()
 
         self.aux_loss: torch.Tensor | None = None
@@ -157,7 +164,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         device = next(self.parameters()).device
-        timer = OpTimer(device)
+        timer = StepRecorder(device)
         problem, detail = self._check_input(x)
         num_tokens, limit = 0, 0
         if problem == _OK:
@@ -181,7 +188,7 @@ class MoELayer(nn.Module):
             plan = make_plan(routing.expert_TK, routing.weight_TK, slot_TK, counts_E, limit,
                              capacity)
             x_ECM = encode(x_TM, plan)
-        ctx = StepContext(self.experts, self.a2a, self.dispatch_codec, self.combine_codec, timer)
+        ctx = StepContext(self.experts, self.a2a, self.codecs, timer)
         x_WECM = x_ECM.view(self.group.size, self.num_local_experts, capacity, cfg.model_dim)
         y_WECM = self.scheduler.run(x_WECM, ctx)
         with timer("decode"):
@@ -252,7 +259,7 @@ class MoELayer(nn.Module):
         return (f"model_dim={c.model_dim}, num_experts={c.num_experts} "
                 f"({self.num_local_experts} local), hidden_dim={c.hidden_dim}, top_k={c.top_k}, "
                 f"capacity_factor={c.capacity_factor}, a2a={_spec_name(c.a2a)}, "
-                f"compressor={_spec_name(c.compressor)}, scheduler={_spec_name(c.scheduler)}")
+                f"compressor={self.codecs.describe()}, scheduler={_spec_name(c.scheduler)}")
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

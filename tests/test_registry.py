@@ -67,20 +67,25 @@ def test_decorator_registered_expert_is_used_by_layer():
 
 PLUGIN = textwrap.dedent('''
     import torch
-    from schedmoe.ops import Compressor, Expert
+    from schedmoe.ops import Compressor, Expert, Wire
 
     class Doubler(Expert):
         """Every expert returns twice its input."""
         def forward(self, x_ECM):
             return 2 * x_ECM
 
-    class Halver(Compressor):
+    class Negate(Compressor):
+        """Sends -x and negates it back; counts its calls."""
+        codec_id = 200
         lossless = True
         fixed_size = True
+        calls = 0
         def compress(self, x_P):
-            return x_P * 0.5
-        def decompress(self, wire_P, spec):
-            return wire_P * 2.0
+            Negate.calls += 1
+            data = (-x_P).contiguous().view(-1).view(torch.uint8)
+            return Wire(data, [data.numel() // x_P.shape[0]] * x_P.shape[0])
+        def decompress(self, wire, spec):
+            return -wire.data.view(spec.dtype).view(len(wire.sizes), *spec.shape)
 ''')
 
 
@@ -92,13 +97,14 @@ def test_entry_point_plugin_is_found_and_used(tmp_path, monkeypatch):
     (info / "entry_points.txt").write_text(
         "[schedmoe.plugins]\n"
         "expert.test-doubler = schedmoe_test_plugin:Doubler\n"
-        "compressor.test-halver = schedmoe_test_plugin:Halver\n")
+        "compressor.test-negate = schedmoe_test_plugin:Negate\n")
     monkeypatch.syspath_prepend(str(tmp_path))
 
     assert "test-doubler" in registry("expert").names() or registry("expert").get("test-doubler")
     layer = schedmoe.MoELayer(8, 4, 16, top_k=2, capacity_factor=0.0, expert="test-doubler",
-                              compressor="test-halver")
+                              compressor="test-negate")
     assert type(layer.experts).__name__ == "Doubler"
-    assert type(layer.dispatch_codec).__name__ == "Halver"
+    assert type(layer.codecs.dispatch).__name__ == "Negate"
     x = torch.randn(12, 8)
     torch.testing.assert_close(layer(x), 2 * x)  # dropless, normalised top-2 weights sum to 1
+    assert type(layer.codecs.dispatch).calls == 2  # dispatch and combine

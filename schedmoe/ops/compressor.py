@@ -1,20 +1,39 @@
-"""The compressor interface for A2A payloads, and the `none` codec.
+"""The compressor interface for A2A payloads, the wire header, and the `none` codec.
+
+Legend: P destination ranks (slices), R rows per slice, C values per row (the last dim).
 
 A compressor turns the `[P, ...]` tensor about to be exchanged (slice p goes to rank p) into a
-wire tensor whose dim 0 is also P, and turns what arrives back into a tensor of the original
-slice shape and dtype. Codecs declare whether they are lossless and whether the wire size
-depends on the data (then the exchange sends sizes first and uses uneven splits).
+`Wire`: one flat uint8 buffer holding the P encoded slices back to back, and each slice's byte
+count (the A2A's split sizes). Every slice starts with a 32-byte header (magic, codec, dtype,
+rows, columns, body length) and carries its own scales, so one exchange moves everything and
+the receiver can check what arrives before decoding it. Codecs declare whether they are
+lossless and whether their wire size is fixed (then every slice has the same size and no size
+exchange is needed) or data-dependent.
 """
 
 from __future__ import annotations
 
+import struct
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from ..errors import SchedMoEError
 from ..registry import register_compressor
+
+MAGIC = b"SMW1"
+HEADER = struct.Struct("<4sBBBBQQQ")  # magic, version, codec, dtype, reserved, rows, cols, body
+HEADER_BYTES = HEADER.size  # 32
+ALIGN = 8
+
+DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4,
+               torch.uint8: 5, torch.int8: 6, torch.int32: 7, torch.int64: 8}
+
+
+class CorruptPayloadError(SchedMoEError, ValueError):
+    """A received payload is truncated, corrupted, oversized or not what was expected."""
 
 
 @dataclass(frozen=True)
@@ -24,31 +43,151 @@ class SliceSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @property
+    def cols(self) -> int:
+        return self.shape[-1] if self.shape else 1
+
+    @property
+    def rows(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel // self.cols if self.cols else 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.cols * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class Wire:
+    """Encoded slices back to back (`data`, uint8, 1-D) and each slice's size in bytes."""
+
+    data: torch.Tensor
+    sizes: list[int]
+
+
+def pad_to_align(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def header_bytes(codec_id: int, spec: SliceSpec, body: int) -> bytes:
+    if spec.dtype not in DTYPE_CODES:
+        raise TypeError(f"cannot put {spec.dtype} on the wire; supported: {list(DTYPE_CODES)}")
+    return HEADER.pack(MAGIC, 1, codec_id, DTYPE_CODES[spec.dtype], 0, spec.rows, spec.cols, body)
+
+
+def check_header(raw: bytes, codec_id: int, spec: SliceSpec, available: int, where: str) -> int:
+    """Validate one slice's header against what the receiver expects; returns the body length."""
+    if len(raw) < HEADER_BYTES:
+        raise CorruptPayloadError(f"{where}: {len(raw)} bytes, shorter than the "
+                                  f"{HEADER_BYTES}-byte header (truncated payload)")
+    magic, version, codec, dtype, _, rows, cols, body = HEADER.unpack(raw[:HEADER_BYTES])
+    expected = {"magic": MAGIC, "version": 1, "codec": codec_id, "dtype": DTYPE_CODES[spec.dtype],
+                "rows": spec.rows, "cols": spec.cols}
+    found = {"magic": magic, "version": version, "codec": codec, "dtype": dtype, "rows": rows,
+             "cols": cols}
+    for key, want in expected.items():
+        if found[key] != want:
+            raise CorruptPayloadError(
+                f"{where}: header {key} is {found[key]!r}, expected {want!r} (corrupt payload, "
+                "or ranks using different codecs or shapes)")
+    if body != available - HEADER_BYTES:
+        raise CorruptPayloadError(
+            f"{where}: header declares a {body}-byte body but {available - HEADER_BYTES} bytes "
+            "arrived (truncated or oversized payload)")
+    return body
+
 
 class Compressor(ABC):
-    """Encodes a payload for the wire and decodes what arrives."""
+    """Encodes a `[P, ...]` payload for the wire and decodes what arrives."""
 
+    codec_id: ClassVar[int]  # in every header; built-ins use 0-31, plugins pick 128-255
     lossless: ClassVar[bool]
     fixed_size: ClassVar[bool]
 
     @abstractmethod
-    def compress(self, x_P: torch.Tensor) -> torch.Tensor:
-        """Wire tensor for `x_P` ([P, ...]); dim 0 stays P."""
+    def compress(self, x_P: torch.Tensor) -> Wire:
+        """Encode slice p of `x_P` for rank p."""
+
+    def describe(self) -> str:
+        """Name and settings; must be equal on every rank that exchanges with this codec."""
+        return type(self).__name__
 
     @abstractmethod
-    def decompress(self, wire_P: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
-        """The [P, *spec.shape] tensor of dtype spec.dtype encoded in `wire_P`."""
+    def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
+        """The `[len(wire.sizes), *spec.shape]` tensor of dtype `spec.dtype` in `wire`.
+        Raises CorruptPayloadError if a slice is not a valid encoding of `spec`."""
 
 
 @register_compressor("none")
 class NoCompression(Compressor):
-    """Sends the payload as it is."""
+    """Sends the payload's own bytes, without a header (zero copies)."""
 
+    codec_id = 0
     lossless = True
     fixed_size = True
 
-    def compress(self, x_P: torch.Tensor) -> torch.Tensor:
-        return x_P
+    def compress(self, x_P: torch.Tensor) -> Wire:
+        P = x_P.shape[0]
+        data = x_P.contiguous().view(-1).view(torch.uint8)
+        return Wire(data, [data.numel() // P if P else 0] * P)
 
-    def decompress(self, wire_P: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
-        return wire_P
+    def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
+        P = len(wire.sizes)
+        if wire.data.numel() != P * spec.nbytes:
+            raise CorruptPayloadError(f"uncompressed payload of {wire.data.numel()} bytes, "
+                                      f"expected {P} slices of {spec.nbytes}")
+        return wire.data.view(spec.dtype).view(P, *spec.shape)
+
+
+class FixedSizeCodec(Compressor):
+    """A codec whose every slice encodes to the same number of bytes: header + body, built for
+    all P slices at once. Subclasses define the body."""
+
+    fixed_size = True
+
+    @abstractmethod
+    def body_bytes(self, spec: SliceSpec) -> int:
+        """Unpadded body size of one slice."""
+
+    @abstractmethod
+    def encode_body(self, x_PRC: torch.Tensor) -> torch.Tensor:
+        """uint8 [P, body_bytes] for the rows of every slice."""
+
+    @abstractmethod
+    def decode_body(self, body_PB: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
+        """float [P, R, C] from the bodies (body_PB may carry trailing padding)."""
+
+    def compress(self, x_P: torch.Tensor) -> Wire:
+        P = x_P.shape[0]
+        spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
+        body = pad_to_align(self.body_bytes(spec))
+        head = torch.frombuffer(bytearray(header_bytes(self.codec_id, spec, body)),
+                                dtype=torch.uint8).to(x_P.device)
+        x_PRC = x_P.reshape(P, spec.rows, spec.cols)
+        enc_PB = self.encode_body(x_PRC)
+        pad = body - enc_PB.shape[1]
+        parts = [head.expand(P, HEADER_BYTES), enc_PB]
+        if pad:
+            parts.append(enc_PB.new_zeros(P, pad))
+        data = torch.cat(parts, dim=1).view(-1)
+        return Wire(data, [HEADER_BYTES + body] * P)
+
+    def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
+        P = len(wire.sizes)
+        size = HEADER_BYTES + pad_to_align(self.body_bytes(spec))
+        if wire.data.numel() != sum(wire.sizes) or any(s != size for s in wire.sizes):
+            raise CorruptPayloadError(
+                f"{type(self).__name__}: expected {P} slices of {size} bytes, got sizes "
+                f"{wire.sizes[:8]} over {wire.data.numel()} bytes (truncated or oversized)")
+        wire_PB = wire.data.view(P, size)
+        head = header_bytes(self.codec_id, spec, size - HEADER_BYTES)
+        expected = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(wire_PB.device)
+        good_P = (wire_PB[:, :HEADER_BYTES] == expected).all(dim=1)
+        if not bool(good_P.all()):
+            p = int((~good_P).nonzero()[0, 0])
+            check_header(bytes(wire_PB[p, :HEADER_BYTES].cpu().numpy()), self.codec_id, spec,
+                         size, f"slice {p} (from rank {p})")
+        x_PRC = self.decode_body(wire_PB[:, HEADER_BYTES:], spec)
+        return x_PRC.to(spec.dtype).view(P, *spec.shape)

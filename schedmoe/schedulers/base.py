@@ -17,9 +17,9 @@ import torch
 
 from ..a2a_algos.base import A2AAlgorithm
 from ..exchange import exchange
-from ..ops.compressor import Compressor
+from ..ops.codec_set import CodecSet
 from ..ops.experts import Expert
-from ..timing import OpTimer
+from ..recorder import StepRecorder
 
 
 @dataclass
@@ -28,24 +28,23 @@ class StepContext:
 
     experts: Expert
     a2a: A2AAlgorithm
-    dispatch_codec: Compressor
-    combine_codec: Compressor
-    timer: OpTimer
+    codecs: CodecSet
+    rec: StepRecorder
 
     def dispatch(self, x_WECM: torch.Tensor) -> torch.Tensor:
-        """Tokens to the ranks owning their experts (grads come back with the combine codec)."""
-        return exchange(x_WECM, self.a2a, self.dispatch_codec, self.combine_codec, self.timer,
-                        "dispatch")
+        """Tokens to the ranks owning their experts."""
+        return exchange(x_WECM, self.a2a, self.codecs.dispatch, self.codecs.dispatch_grad,
+                        self.rec, "dispatch")
 
     def combine(self, y_WECM: torch.Tensor) -> torch.Tensor:
         """Expert outputs back to the ranks that own the tokens."""
-        return exchange(y_WECM, self.a2a, self.combine_codec, self.dispatch_codec, self.timer,
-                        "combine")
+        return exchange(y_WECM, self.a2a, self.codecs.combine, self.codecs.combine_grad,
+                        self.rec, "combine")
 
     def run_experts(self, recv_WECM: torch.Tensor) -> torch.Tensor:
         """Local experts over every source rank's tokens; same layout in and out."""
         world, experts, capacity, model_dim = recv_WECM.shape
-        with self.timer("experts"):
+        with self.rec("experts"):
             x_EXM = recv_WECM.transpose(0, 1).reshape(experts, world * capacity, model_dim)
             dtype = next(self.experts.parameters(), x_EXM).dtype
             y_EXM = self.experts(x_EXM.to(dtype)).to(recv_WECM.dtype)

