@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_compressor
-from .compressor import FixedSizeCodec, SliceSpec
+from .compressor import FixedSizeCodec, SliceSpec, reinterpret
 
 
 class CastCodec(FixedSizeCodec):
@@ -20,13 +20,12 @@ class CastCodec(FixedSizeCodec):
         return spec.rows * spec.cols * 2
 
     def encode_body(self, x_PRC: torch.Tensor) -> torch.Tensor:
-        P = x_PRC.shape[0]
-        return x_PRC.to(self.wire_dtype).contiguous().view(torch.uint8).view(P, -1)
+        P, R, C = x_PRC.shape
+        return reinterpret(x_PRC.to(self.wire_dtype), torch.uint8, P, R * C * 2)
 
     def decode_body(self, body_PB: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
-        P = body_PB.shape[0]
-        values = body_PB[:, :self.body_bytes(spec)].contiguous().view(self.wire_dtype)
-        return values.view(P, spec.rows, spec.cols)
+        return reinterpret(body_PB[:, :self.body_bytes(spec)], self.wire_dtype,
+                           body_PB.shape[0], spec.rows, spec.cols)
 
 
 @register_compressor("fp16")

@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from ..errors import SchedMoEError
@@ -65,6 +66,16 @@ class Wire:
 
     data: torch.Tensor
     sizes: list[int]
+
+
+def as_uint8(raw: bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A uint8 tensor holding a copy of `raw` (empty allowed)."""
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy()).to(device)
+
+
+def reinterpret(t: torch.Tensor, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """The bytes of `t` read as `dtype` in `shape` (copies only if `t` is not contiguous)."""
+    return t.contiguous().reshape(-1).view(dtype).view(*shape)
 
 
 def pad_to_align(nbytes: int) -> int:
@@ -130,7 +141,7 @@ class NoCompression(Compressor):
 
     def compress(self, x_P: torch.Tensor) -> Wire:
         P = x_P.shape[0]
-        data = x_P.contiguous().view(-1).view(torch.uint8)
+        data = reinterpret(x_P, torch.uint8, -1)
         return Wire(data, [data.numel() // P if P else 0] * P)
 
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
@@ -138,7 +149,7 @@ class NoCompression(Compressor):
         if wire.data.numel() != P * spec.nbytes:
             raise CorruptPayloadError(f"uncompressed payload of {wire.data.numel()} bytes, "
                                       f"expected {P} slices of {spec.nbytes}")
-        return wire.data.view(spec.dtype).view(P, *spec.shape)
+        return reinterpret(wire.data, spec.dtype, P, *spec.shape)
 
 
 class FixedSizeCodec(Compressor):
@@ -163,8 +174,7 @@ class FixedSizeCodec(Compressor):
         P = x_P.shape[0]
         spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
         body = pad_to_align(self.body_bytes(spec))
-        head = torch.frombuffer(bytearray(header_bytes(self.codec_id, spec, body)),
-                                dtype=torch.uint8).to(x_P.device)
+        head = as_uint8(header_bytes(self.codec_id, spec, body), x_P.device)
         x_PRC = x_P.reshape(P, spec.rows, spec.cols)
         enc_PB = self.encode_body(x_PRC)
         pad = body - enc_PB.shape[1]
@@ -183,7 +193,7 @@ class FixedSizeCodec(Compressor):
                 f"{wire.sizes[:8]} over {wire.data.numel()} bytes (truncated or oversized)")
         wire_PB = wire.data.view(P, size)
         head = header_bytes(self.codec_id, spec, size - HEADER_BYTES)
-        expected = torch.frombuffer(bytearray(head), dtype=torch.uint8).to(wire_PB.device)
+        expected = as_uint8(head, wire_PB.device)
         good_P = (wire_PB[:, :HEADER_BYTES] == expected).all(dim=1)
         if not bool(good_P.all()):
             p = int((~good_P).nonzero()[0, 0])

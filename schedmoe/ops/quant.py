@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_compressor
-from .compressor import FixedSizeCodec, SliceSpec
+from .compressor import FixedSizeCodec, SliceSpec, reinterpret
 
 
 class RowScaledCodec(FixedSizeCodec):
@@ -45,15 +45,15 @@ class RowScaledCodec(FixedSizeCodec):
         return y.to(self.wire_dtype)
 
     def encode_body(self, x_PRC: torch.Tensor) -> torch.Tensor:
-        P = x_PRC.shape[0]
+        P, R, C = x_PRC.shape
         scale_PR, q_PRC = self.quantise(x_PRC)
-        return torch.cat([scale_PR.contiguous().view(torch.uint8).view(P, -1),
-                          q_PRC.contiguous().view(torch.uint8).view(P, -1)], dim=1)
+        return torch.cat([reinterpret(scale_PR, torch.uint8, P, R * 4),
+                          reinterpret(q_PRC, torch.uint8, P, R * C)], dim=1)
 
     def decode_body(self, body_PB: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
         P, R, C = body_PB.shape[0], spec.rows, spec.cols
-        scale_PR = body_PB[:, :4 * R].contiguous().view(torch.float32)
-        q_PRC = body_PB[:, 4 * R:4 * R + R * C].contiguous().view(self.wire_dtype).view(P, R, C)
+        scale_PR = reinterpret(body_PB[:, :4 * R], torch.float32, P, R)
+        q_PRC = reinterpret(body_PB[:, 4 * R:4 * R + R * C], self.wire_dtype, P, R, C)
         return q_PRC.float() * scale_PR.unsqueeze(-1)
 
 

@@ -17,7 +17,7 @@ import zstandard
 from ..errors import ConfigError
 from ..registry import register_compressor
 from .compressor import (HEADER_BYTES, Compressor, CorruptPayloadError, SliceSpec, Wire,
-                         check_header, header_bytes)
+                         as_uint8, check_header, header_bytes)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -67,15 +67,15 @@ class ZstdCodec(Compressor):
         P = x_P.shape[0]
         spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
         itemsize = x_P.element_size()
-        raw_PB = x_P.detach().contiguous().cpu().view(P, -1).view(torch.uint8).numpy()
+        raw_PB = x_P.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        raw_PB = raw_PB.reshape(P, spec.nbytes)
         pieces, sizes = [], []
         for p in range(P):
             values = byte_shuffle(raw_PB[p], itemsize) if self.shuffle else raw_PB[p]
             frame = self._cctx.compress(values.tobytes())
             pieces += [header_bytes(self.codec_id, spec, len(frame)), frame]
             sizes.append(HEADER_BYTES + len(frame))
-        data = torch.frombuffer(bytearray(b"".join(pieces)), dtype=torch.uint8)
-        return Wire(data.to(x_P.device), sizes)
+        return Wire(as_uint8(b"".join(pieces), x_P.device), sizes)
 
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         P = len(wire.sizes)
@@ -102,5 +102,5 @@ class ZstdCodec(Compressor):
                                           f"{spec.nbytes}")
             values = np.frombuffer(values, dtype=np.uint8)
             out[p] = byte_unshuffle(values, itemsize) if self.shuffle else values
-        x = torch.from_numpy(out).view(spec.dtype).view(P, *spec.shape)
+        x = torch.from_numpy(out.reshape(-1)).view(spec.dtype).view(P, *spec.shape)
         return x.to(wire.data.device)
