@@ -68,6 +68,7 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: bool = True) -> 
             steps.append({"forward_ms": 1e3 * (t1 - t0), "backward_ms": 1e3 * (t2 - t1),
                           "step_ms": 1e3 * (t2 - t0), "op_ms": stats.op_ms,
                           "dropped": stats.dropped, "processed": stats.processed,
+                          "wire_bytes": stats.wire_bytes,
                           "capacity": stats.capacity})
         if progress and rank == 0:
             _progress(i + 1, total, 1e3 * (t2 - t0))
@@ -116,7 +117,8 @@ def summarize(cfg: BenchConfig, per_rank: list[dict], backend: str) -> dict:
         "tokens_per_s": world * cfg.tokens / (step_ms / 1e3),
         "dropped_pairs": dropped, "dropped_fraction": dropped / pairs,
         "capacity": per_rank[0]["steps"][-1]["capacity"],
-        "op_ms": op_ms, "per_rank": per_rank,
+        "op_ms": op_ms, "wire_bytes": per_rank[0]["steps"][-1]["wire_bytes"],
+        "per_rank": per_rank,
     }
 
 
@@ -146,6 +148,9 @@ def format_table(summary: dict) -> str:
         f"{'step (slowest rank)':<28}{summary['step_ms']:>12.2f}",
         "",
         f"throughput: {summary['tokens_per_s']:,.0f} tokens/s over all ranks",
+        "wire bytes per step, rank 0 (payload -> on the wire): " + ", ".join(
+            f"{name} {raw / 2**20:.2f} -> {sent / 2**20:.2f} MiB ({raw / max(sent, 1):.2f}x)"
+            for name, (raw, sent) in summary["wire_bytes"].items()),
         f"dropped: {summary['dropped_pairs']:.0f} of "
         f"{summary['world_size'] * cfg['tokens'] * cfg['top_k']} (token, expert) pairs per step "
         f"({100 * summary['dropped_fraction']:.2f}%)",
