@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_compressor
-from .compressor import FixedSizeCodec, SliceSpec, reinterpret
+from . import cuda_kernels
+from .compressor import (HEADER_BYTES, FixedSizeCodec, SliceSpec, Wire, as_uint8, header_bytes,
+                         pad_to_align, reinterpret)
 
 
 class RowScaledCodec(FixedSizeCodec):
@@ -26,6 +28,23 @@ class RowScaledCodec(FixedSizeCodec):
 
     def body_bytes(self, spec: SliceSpec) -> int:
         return spec.rows * 4 + spec.rows * spec.cols
+
+    @property
+    def fp8(self) -> bool:
+        return self.wire_dtype == torch.float8_e4m3fn
+
+    def compress(self, x_P: torch.Tensor) -> Wire:
+        """On CUDA with cupy: one fused kernel writes scales and values into the wire."""
+        if not (x_P.is_cuda and cuda_kernels.available()):
+            return super().compress(x_P)
+        P = x_P.shape[0]
+        spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
+        body = pad_to_align(self.body_bytes(spec))
+        wire_PB = torch.zeros(P, HEADER_BYTES + body, dtype=torch.uint8, device=x_P.device)
+        wire_PB[:, :HEADER_BYTES] = as_uint8(header_bytes(self.codec_id, spec, body), x_P.device)
+        cuda_kernels.pack_rows(x_P.reshape(P, spec.rows, spec.cols), wire_PB, HEADER_BYTES,
+                               self.fp8)
+        return Wire(wire_PB.view(-1), [HEADER_BYTES + body] * P)
 
     def quantise(self, x_PRC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale_PR fp32, q_PRC of wire_dtype)."""
@@ -51,6 +70,8 @@ class RowScaledCodec(FixedSizeCodec):
                           reinterpret(q_PRC, torch.uint8, P, R * C)], dim=1)
 
     def decode_body(self, body_PB: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
+        if body_PB.is_cuda and cuda_kernels.available():
+            return cuda_kernels.unpack_rows(body_PB, spec.rows, spec.cols, self.fp8)
         P, R, C = body_PB.shape[0], spec.rows, spec.cols
         scale_PR = reinterpret(body_PB[:, :4 * R], torch.float32, P, R)
         q_PRC = reinterpret(body_PB[:, 4 * R:4 * R + R * C], self.wire_dtype, P, R, C)
