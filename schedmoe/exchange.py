@@ -15,23 +15,44 @@ from .ops.compressor import Compressor, SliceSpec, Wire
 from .recorder import StepRecorder
 
 
+class PendingSend:
+    """An exchange in flight: `wait()` finishes the A2A and decompresses."""
+
+    def __init__(self, handle, recv_sizes: list[int], codec: Compressor, spec: SliceSpec,
+                 rec: StepRecorder, name: str, chunk: int | None, issued: float) -> None:
+        self._handle, self._recv_sizes, self._codec = handle, recv_sizes, codec
+        self._spec, self._rec, self._name, self._chunk, self._issued = spec, rec, name, chunk, issued
+
+    def wait(self) -> torch.Tensor:
+        data = self._handle.wait()
+        self._rec.interval(self._name + ".a2a", self._issued, self._chunk, stream="comm")
+        with self._rec(self._name + ".decompress", self._chunk):
+            return self._codec.decompress(Wire(data, self._recv_sizes), self._spec)
+
+
+def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
+               name: str, chunk: int | None = None) -> PendingSend:
+    """Compress slice p of `x_P` for rank p and issue the exchange without waiting for it.
+    A data-dependent codec's slice sizes are exchanged first (blocking, a few bytes)."""
+    spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
+    with rec(name + ".compress", chunk):
+        wire = codec.compress(x_P)
+    issued = rec.now()
+    if codec.fixed_size:
+        recv_sizes = wire.sizes
+        handle = a2a.start(wire.data)
+    else:
+        sizes_P = torch.tensor(wire.sizes, dtype=torch.int64, device=wire.data.device)
+        recv_sizes = a2a.exchange(sizes_P).tolist()
+        handle = a2a.start(wire.data, recv_sizes, wire.sizes)
+    rec.count_bytes(name, x_P.numel() * x_P.element_size(), wire.data.numel())
+    return PendingSend(handle, recv_sizes, codec, spec, rec, name, chunk, issued)
+
+
 def send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
          name: str) -> torch.Tensor:
     """Slice p of `x_P` to rank p; returns the slices received, by source rank."""
-    spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
-    with rec(name + ".compress"):
-        wire = codec.compress(x_P)
-    with rec(name + ".a2a"):
-        if codec.fixed_size:
-            recv_sizes = wire.sizes
-            data = a2a.exchange(wire.data)
-        else:
-            sizes_P = torch.tensor(wire.sizes, dtype=torch.int64, device=wire.data.device)
-            recv_sizes = a2a.exchange(sizes_P).tolist()
-            data = a2a.exchange(wire.data, recv_sizes, wire.sizes)
-    rec.count_bytes(name, x_P.numel() * x_P.element_size(), wire.data.numel())
-    with rec(name + ".decompress"):
-        return codec.decompress(Wire(data, recv_sizes), spec)
+    return start_send(x_P, a2a, codec, rec, name).wait()
 
 
 class _Exchange(torch.autograd.Function):

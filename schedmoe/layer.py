@@ -28,7 +28,7 @@ from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
 from .ops.experts import mark_expert_parameters
 from .registry import registry
-from .schedulers.base import StepContext
+from .schedulers.base import Scheduler, StepContext
 from .recorder import StepRecorder
 
 
@@ -47,13 +47,14 @@ class MoEConfig:
     a2a: str | type = "nccl"
     local_size: int | None = None  # ranks per node for hierarchical A2A; None: LOCAL_WORLD_SIZE
     compressor: str | type | Compressor | dict = "none"  # one codec, or per exchange
-    scheduler: str | type = "sequential"
+    scheduler: str | type | Scheduler = "sequential"  # a name, class or configured instance
     gate: str | type = "topk"
     normalize_weights: bool = True
     gate_noise: float = 0.0
     z_loss_weight: float = 0.0
     check_finite: bool = False  # scan the input for NaN/Inf every call (costs a reduction)
     allow_empty: bool = True  # False: a rank with no tokens is an error instead of a no-op
+    trace: bool = False  # record every op's interval in last_stats.events
 
     def validate(self, world_size: int) -> None:
         for name in ("model_dim", "num_experts", "hidden_dim", "top_k"):
@@ -91,6 +92,8 @@ class MoEConfig:
 def _spec_name(spec: object) -> str:
     if spec is None or isinstance(spec, str):
         return str(spec)
+    if hasattr(spec, "describe") and not isinstance(spec, type):
+        return spec.describe()
     return f"{getattr(spec, '__module__', '')}.{getattr(spec, '__qualname__', repr(spec))}"
 
 
@@ -112,6 +115,11 @@ class LayerStats:
     def op_ms(self) -> dict[str, float]:
         """Milliseconds per op; backward ops (`*.bwd`) appear once backward has run."""
         return self.timer.milliseconds()
+
+    @property
+    def events(self) -> list:
+        """(task, chunk, stream, start, end) of every op, if the layer was built with trace=True."""
+        return list(self.timer.events or [])
 
     @property
     def wire_bytes(self) -> dict[str, tuple[int, int]]:
@@ -156,7 +164,8 @@ class MoELayer(nn.Module):
         mark_expert_parameters(self.experts)
         self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, cfg.local_size)
         self.codecs = CodecSet.build(cfg.compressor)
-        self.scheduler = registry("scheduler").resolve(cfg.scheduler)()
+        self.scheduler = (cfg.scheduler if isinstance(cfg.scheduler, Scheduler)
+                          else registry("scheduler").resolve(cfg.scheduler)())
 
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: LayerStats | None = None
@@ -164,7 +173,7 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         device = next(self.parameters()).device
-        timer = StepRecorder(device)
+        timer = StepRecorder(device, trace=cfg.trace)
         problem, detail = self._check_input(x)
         num_tokens, limit = 0, 0
         if problem == _OK:

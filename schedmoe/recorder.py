@@ -1,12 +1,22 @@
-"""What one layer call did: wall-clock seconds per named op, and bytes per exchange."""
+"""What one layer call did: wall-clock seconds per named op, bytes per exchange, and (when
+tracing) every op's interval: (task, chunk, stream, start, end) in seconds since the recorder
+was made."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
+
+
+class TraceEvent(NamedTuple):
+    task: str
+    chunk: int | None
+    stream: str  # "compute" or "comm"
+    start: float
+    end: float
 
 
 class StepRecorder:
@@ -17,22 +27,36 @@ class StepRecorder:
     overlap ops should time whole phases instead.
     """
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device | None = None, trace: bool = False) -> None:
         self.seconds: dict[str, float] = {}
         self.bytes: dict[str, list[int]] = {}  # name -> [payload bytes, wire bytes]
+        self.events: list[TraceEvent] | None = [] if trace else None
         self._sync = device is not None and device.type == "cuda"
+        self._origin = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self._origin
 
     @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
+    def __call__(self, name: str, chunk: int | None = None,
+                 stream: str = "compute") -> Iterator[None]:
         if self._sync:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = self.now()
         try:
             yield
         finally:
             if self._sync:
                 torch.cuda.synchronize()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.interval(name, start, chunk, stream)
+
+    def interval(self, name: str, start: float, chunk: int | None = None,
+                 stream: str = "compute") -> None:
+        """Record that `name` ran from `start` (seconds since the origin) until now."""
+        end = self.now()
+        self.seconds[name] = self.seconds.get(name, 0.0) + end - start
+        if self.events is not None:
+            self.events.append(TraceEvent(name, chunk, stream, start, end))
 
     def count_bytes(self, name: str, payload: int, wire: int) -> None:
         totals = self.bytes.setdefault(name, [0, 0])

@@ -1,6 +1,7 @@
 """Schedulers decide the order (and overlap) of exchanges and expert compute."""
 
 from .base import Scheduler, StepContext
+from .pipeline import PipelineScheduler
 from .sequential import SequentialScheduler
 
-__all__ = ["Scheduler", "StepContext", "SequentialScheduler"]
+__all__ = ["Scheduler", "StepContext", "SequentialScheduler", "PipelineScheduler"]

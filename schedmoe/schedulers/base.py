@@ -41,10 +41,10 @@ class StepContext:
         return exchange(y_WECM, self.a2a, self.codecs.combine, self.codecs.combine_grad,
                         self.rec, "combine")
 
-    def run_experts(self, recv_WECM: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, recv_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Local experts over every source rank's tokens; same layout in and out."""
         world, experts, capacity, model_dim = recv_WECM.shape
-        with self.rec("experts"):
+        with self.rec("experts", chunk):
             x_EXM = recv_WECM.transpose(0, 1).reshape(experts, world * capacity, model_dim)
             dtype = next(self.experts.parameters(), x_EXM).dtype
             y_EXM = self.experts(x_EXM.to(dtype)).to(recv_WECM.dtype)
@@ -53,6 +53,10 @@ class StepContext:
 
 class Scheduler(ABC):
     """Orders exchange and expert work. Subclasses take keyword options in their constructor."""
+
+    def describe(self) -> str:
+        """Name and settings; must be equal on every rank of the EP group."""
+        return type(self).__name__
 
     @abstractmethod
     def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
