@@ -37,11 +37,85 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="tc rate of each emulated node's link (default: 1gbit)")
 
 
+def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+    defaults = cls()
+    for f in fields(cls):
+        value = getattr(defaults, f.name)
+        p.add_argument("--" + prefix + f.name.replace("_", "-"), dest=prefix + f.name,
+                       type=type(value), default=value, help=f"(default: {value})")
+
+
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:
+    from .simulator import ALGORITHMS, Cluster, Workload
+
+    p = sub.add_parser("simulate", help="predict a layer step on a described cluster",
+                       description="Simulates forward + backward of one MoE layer for every "
+                       "(A2A algorithm, codec, pipeline degree) on a cluster described by its "
+                       "link rates, GEMM rate and size; prints the best candidates.")
+    _add_dataclass_options(p, Cluster)
+    _add_dataclass_options(p, Workload)
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--codecs", default="none", help="comma separated, e.g. none,bf16,fp8")
+    p.add_argument("--degrees", default="1-16", help="e.g. 1-16 or 1,2,4,8")
+    p.add_argument("--top", type=int, default=10)
+    p.add_argument("--trace", metavar="PATH", help="Chrome trace JSON: best vs sequential")
+    p.add_argument("--gantt", metavar="PATH", help="Gantt chart PNG: best vs sequential")
+    p.add_argument("--json", metavar="PATH", help="every prediction as JSON")
+
+
+def _degrees(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = map(int, text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from .simulator import Cluster, Workload, predict, search
+    from .trace import save_chrome_trace, save_gantt
+
+    cluster = Cluster(**{f.name: getattr(args, f.name) for f in fields(Cluster)})
+    workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
+    ranked = search(workload, cluster, args.algorithms.split(","), args.codecs.split(","),
+                    _degrees(args.degrees))
+    sequential = predict(workload, cluster, "nccl", "none", 1)
+    print(f"{cluster.nodes} nodes x {cluster.ranks_per_node} ranks, inter {cluster.inter_gbit} "
+          f"Gbit/s, intra {cluster.intra_gbit} Gbit/s per rank, {cluster.gemm_tflops} TFLOP/s; "
+          f"{workload.tokens} tokens/rank, M={workload.model_dim}, H={workload.hidden_dim}, "
+          f"E={workload.num_experts}, top-{workload.top_k}, C={workload.capacity()}")
+    print(f"sequential (nccl, none, r=1): {1e3 * sequential.seconds:.3f} ms forward+backward")
+    print(f"{'algorithm':<10}{'codec':<8}{'r':>3}{'fwd+bwd ms':>12}{'speedup':>9}"
+          f"{'overlap eff.':>14}")
+    for p in ranked[:args.top]:
+        print(f"{p.algorithm:<10}{p.codec:<8}{p.degree:>3}{1e3 * p.seconds:>12.3f}"
+              f"{sequential.seconds / p.seconds:>8.2f}x{p.forward.overlap_efficiency:>14.3f}")
+    best = ranked[0]
+    runs = {f"sequential: {1e3 * sequential.seconds:.2f} ms": sequential.forward.events
+            + sequential.backward.events,
+            f"best: {best.algorithm}, {best.codec}, r={best.degree}: {1e3 * best.seconds:.2f} ms":
+            best.forward.events + best.backward.events}
+    if args.trace:
+        save_chrome_trace(runs, args.trace)
+    if args.gantt:
+        save_gantt(runs, args.gantt, "simulated forward + backward")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cluster": vars(cluster), "workload": vars(workload),
+                       "predictions": [{"algorithm": p.algorithm, "codec": p.codec,
+                                        "degree": p.degree, "seconds": p.seconds,
+                                        "overlap_efficiency": p.forward.overlap_efficiency}
+                                       for p in ranked]}, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="schedmoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
+    _simulate_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "simulate":
+        _simulate(args)
+        return 0
 
     if args.command == "bench":
         cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)
