@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from .layer import MoELayer
+from .recorder import TraceEvent
+from .schedulers.pipeline import PipelineScheduler
 
 
 @dataclass
@@ -35,6 +37,7 @@ class BenchConfig:
     a2a: str = "nccl"
     compressor: str = "none"
     scheduler: str = "sequential"
+    degree: int = 2  # chunks, for --scheduler pipeline
     dtype: str = "float32"
     steps: int = 10
     warmup: int = 2
@@ -47,9 +50,10 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: bool = True) -> 
     device = torch.device("cuda", torch.cuda.current_device()) if _on_gpu() else torch.device("cpu")
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(cfg.seed)  # the same gate on every rank, as data parallelism would keep it
+    scheduler = PipelineScheduler(cfg.degree) if cfg.scheduler == "pipeline" else cfg.scheduler
     layer = MoELayer(cfg.model_dim, cfg.num_experts, cfg.hidden_dim, cfg.top_k,
                      cfg.capacity_factor, expert=cfg.expert, a2a=cfg.a2a,
-                     compressor=cfg.compressor, scheduler=cfg.scheduler,
+                     compressor=cfg.compressor, scheduler=scheduler,
                      **cfg.layer_options).to(device)
     g = torch.Generator(device="cpu").manual_seed(cfg.seed * 1009 + rank)
     x = torch.randn(cfg.tokens, cfg.model_dim, generator=g).to(device, dtype).requires_grad_()
@@ -74,7 +78,8 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: bool = True) -> 
             _progress(i + 1, total, 1e3 * (t2 - t0))
     if progress and rank == 0:
         print(file=sys.stderr)
-    return {"rank": rank, "device": str(device), "steps": steps}
+    return {"rank": rank, "device": str(device), "steps": steps,
+            "trace": [tuple(e) for e in layer.last_stats.events]}
 
 
 def _on_gpu() -> bool:
@@ -186,6 +191,20 @@ def _run_torchrun(cfg: BenchConfig, timeout: float) -> dict:
     finally:
         dist.destroy_process_group()
     return summarize(cfg, gathered, backend)
+
+
+def save_trace(summary: dict, prefix: str) -> None:
+    """Rank 0's last step as PREFIX.json (Chrome trace) and PREFIX.png (Gantt chart)."""
+    from .trace import save_chrome_trace, save_gantt
+
+    events = [TraceEvent(*e) for e in summary["per_rank"][0]["trace"]]
+    cfg = summary["config"]
+    label = f"measured, rank 0: {cfg['scheduler']}"
+    if cfg["scheduler"] == "pipeline":
+        label += f" r={cfg['degree']}"
+    save_chrome_trace({label: events}, prefix + ".json")
+    save_gantt({label: events}, prefix + ".png", f"schedmoe bench, a2a={cfg['a2a']}, "
+               f"compressor={cfg['compressor']}")
 
 
 def save_json(summary: dict, path: str) -> None:

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from dataclasses import fields
 
-from .bench import BenchConfig, format_table, run, save_json
+from .bench import BenchConfig, format_table, run, save_json, save_trace
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,8 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                        help=f"(default: {getattr(defaults, f.name)})")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
     p.add_argument("--json", metavar="PATH", help="also save the results as JSON")
+    p.add_argument("--trace", metavar="PREFIX",
+                   help="save rank 0's last step as PREFIX.json (Chrome trace) and PREFIX.png")
     p.add_argument("--local-size", type=int, default=None,
                    help="ranks per node for hierarchical A2A (default: LOCAL_WORLD_SIZE)")
     p.add_argument("--emulate-nodes", type=int, default=0, metavar="N",
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                              if f.name != "layer_options"})
         if args.local_size:
             cfg.layer_options["local_size"] = args.local_size
+        if args.trace:
+            cfg.layer_options["trace"] = True
         if args.emulate_nodes:
             summary = _bench_emulated(args, argv if argv is not None else sys.argv[1:])
         else:
@@ -131,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 save_json(summary, args.json)
                 print(f"saved {args.json}")
+            if args.trace:
+                save_trace(summary, args.trace)
+                print(f"saved {args.trace}.json and {args.trace}.png")
     return 0
 
 
