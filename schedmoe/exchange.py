@@ -50,24 +50,25 @@ def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: Ste
 
 
 def send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
-         name: str) -> torch.Tensor:
+         name: str, chunk: int | None = None) -> torch.Tensor:
     """Slice p of `x_P` to rank p; returns the slices received, by source rank."""
-    return start_send(x_P, a2a, codec, rec, name).wait()
+    return start_send(x_P, a2a, codec, rec, name, chunk).wait()
 
 
 class _Exchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_P, a2a, codec, grad_codec, rec, name):  # type: ignore[override]
-        ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name = a2a, grad_codec, rec, name
-        return send(x_P, a2a, codec, rec, name)
+    def forward(ctx, x_P, a2a, codec, grad_codec, rec, name, chunk):  # type: ignore[override]
+        ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name, ctx.chunk = a2a, grad_codec, rec, name, chunk
+        return send(x_P, a2a, codec, rec, name, chunk)
 
     @staticmethod
     def backward(ctx, grad_P):  # type: ignore[override]
-        grad = send(grad_P.contiguous(), ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name + ".bwd")
-        return grad, None, None, None, None, None
+        grad = send(grad_P.contiguous(), ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name + ".bwd",
+                    ctx.chunk)
+        return grad, None, None, None, None, None, None
 
 
 def exchange(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, grad_codec: Compressor,
-             rec: StepRecorder, name: str) -> torch.Tensor:
+             rec: StepRecorder, name: str, chunk: int | None = None) -> torch.Tensor:
     """Differentiable `send`; the gradient travels back with `grad_codec`."""
-    return _Exchange.apply(x_P, a2a, codec, grad_codec, rec, name)
+    return _Exchange.apply(x_P, a2a, codec, grad_codec, rec, name, chunk)

@@ -109,6 +109,7 @@ class LayerStats:
     processed: int  # pairs that reached an expert
     dropped: int  # pairs dropped; processed + dropped == tokens * top_k
     kept_TK: torch.Tensor = field(repr=False)  # bool [T, K]: which (token, choice) pairs were kept
+    schedule: dict = field(repr=False)  # what the scheduler decided for this call (adaptive)
     timer: StepRecorder = field(repr=False)
 
     @property
@@ -207,7 +208,7 @@ class MoELayer(nn.Module):
         self.aux_loss = aux
         self.last_stats = LayerStats(num_tokens, capacity, limit, counts_E.tolist(),
                                      plan.dropped_E.tolist(), plan.kept, plan.dropped, plan.kept_TK,
-                                     timer)
+                                     ctx.notes, timer)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
         return y

@@ -11,7 +11,7 @@ the sequential schedule's result.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,16 +30,17 @@ class StepContext:
     a2a: A2AAlgorithm
     codecs: CodecSet
     rec: StepRecorder
+    notes: dict = field(default_factory=dict)  # what the scheduler decided, for last_stats
 
-    def dispatch(self, x_WECM: torch.Tensor) -> torch.Tensor:
+    def dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Tokens to the ranks owning their experts."""
         return exchange(x_WECM, self.a2a, self.codecs.dispatch, self.codecs.dispatch_grad,
-                        self.rec, "dispatch")
+                        self.rec, "dispatch", chunk)
 
-    def combine(self, y_WECM: torch.Tensor) -> torch.Tensor:
+    def combine(self, y_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Expert outputs back to the ranks that own the tokens."""
         return exchange(y_WECM, self.a2a, self.codecs.combine, self.codecs.combine_grad,
-                        self.rec, "combine")
+                        self.rec, "combine", chunk)
 
     def run_experts(self, recv_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Local experts over every source rank's tokens; same layout in and out."""

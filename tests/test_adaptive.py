@@ -1,0 +1,79 @@
+"""The adaptive scheduler: exact results, identical decisions on every rank, re-tuning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import schedmoe
+from schedmoe.errors import ConfigError
+from schedmoe.schedulers import AdaptiveScheduler
+from schedmoe.testing import run_ranks
+
+M, E, H = 16, 8, 24
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def make(scheduler, **options):
+    torch.manual_seed(5)
+    return schedmoe.MoELayer(M, E, H, top_k=2, capacity_factor=1.3, local_size=2,
+                             scheduler=scheduler, **options)
+
+
+def run_steps(rank: int, world: int, steps: int):
+    adaptive = AdaptiveScheduler(degrees=(1, 2, 3, 4, 8), codecs=("none", "zstd"),
+                                 check_every=2)
+    layer, reference = make(adaptive), make("sequential")
+    for step in range(steps):
+        x = torch.randn(11 + 4 * rank + step, M,
+                        generator=torch.Generator().manual_seed(step * 10 + rank))
+        results = []
+        for model in (layer, reference):
+            xi = x.clone().requires_grad_()
+            y = model(xi)
+            (y * torch.sin(torch.arange(M, dtype=torch.float32))).sum().backward()
+            results.append([y.detach(), xi.grad] + [p.grad.clone() for p in model.parameters()])
+            model.zero_grad()
+        errors = [rel(a, b) for a, b in zip(*results)]
+        assert max(errors) <= 1e-6, (step, layer.last_stats.schedule, errors)
+    return [(d.step, d.reason, d.algorithm, d.codec, d.degree, d.predicted_ms)
+            for d in adaptive.decisions], adaptive.decisions[-1].measured_ms
+
+
+def test_adaptive_is_exact_and_ranks_agree():
+    results = run_ranks(run_steps, 4, 16, timeout=300)
+    decisions = [r[0] for r in results]
+    assert all(d == decisions[0] for d in decisions), "ranks chose different schedules"
+    reasons = [d[1] for d in decisions[0]]
+    assert reasons[:12] == ["profile"] * 12  # 3 algorithms x 2 codecs x degrees (1, 4)
+    tuned = [d for d in decisions[0] if d[1] != "profile"]
+    assert tuned and all(d[5] > 0 for d in tuned if d[1] != "drift")
+    assert results[0][1] or tuned[-1][1] == "drift"  # the prediction was checked
+
+
+def test_capacity_bucket_change_retunes():
+    adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), check_every=100)
+    layer = make(adaptive)
+    for tokens in [60] * 3 + [500] * 2:  # capacity 20 (bucket 0), then 163 (bucket 1)
+        layer(torch.randn(tokens, M)).sum().backward()
+    assert [d.reason for d in adaptive.decisions] == ["profile", "profile", "tuned", "bucket"]
+    assert layer.last_stats.schedule["reason"] == "bucket"
+
+
+def test_drift_restarts_profiling():
+    adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), check_every=1, drift=0.0)
+    layer = make(adaptive)
+    for _ in range(5):
+        layer(torch.randn(40, M)).sum().backward()
+    reasons = [d.reason for d in adaptive.decisions]
+    assert reasons[:4] == ["profile", "profile", "tuned", "drift"]
+    assert adaptive.decisions[2].measured_ms  # the measurement that triggered it
+
+
+def test_lossy_codecs_need_permission():
+    with pytest.raises(ConfigError, match="allow_lossy"):
+        AdaptiveScheduler(codecs=("none", "int8"))
+    assert AdaptiveScheduler(codecs=("none", "int8"), allow_lossy=True).codecs == ("none", "int8")
