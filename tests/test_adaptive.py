@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -25,7 +27,7 @@ def make(scheduler, **options):
 
 def run_steps(rank: int, world: int, steps: int):
     adaptive = AdaptiveScheduler(degrees=(1, 2, 3, 4, 8), codecs=("none", "zstd"),
-                                 check_every=2)
+                                 shortlist=2, trial_steps=2, check_every=2)
     layer, reference = make(adaptive), make("sequential")
     for step in range(steps):
         x = torch.randn(11 + 4 * rank + step, M,
@@ -44,33 +46,39 @@ def run_steps(rank: int, world: int, steps: int):
 
 
 def test_adaptive_is_exact_and_ranks_agree():
-    results = run_ranks(run_steps, 4, 16, timeout=300)
+    results = run_ranks(run_steps, 4, 20, timeout=300)
     decisions = [r[0] for r in results]
     assert all(d == decisions[0] for d in decisions), "ranks chose different schedules"
     reasons = [d[1] for d in decisions[0]]
-    assert reasons[:12] == ["profile"] * 12  # 3 algorithms x 2 codecs x degrees (1, 4)
-    tuned = [d for d in decisions[0] if d[1] != "profile"]
-    assert tuned and all(d[5] > 0 for d in tuned if d[1] != "drift")
-    assert results[0][1] or tuned[-1][1] == "drift"  # the prediction was checked
+    # 3 algorithms x 2 codecs x degrees (1, 4), then the 2 best predictions tried for 2 steps
+    assert reasons[:15] == ["profile"] * 12 + ["trial"] * 2 + ["tuned"]
+    trials, tuned = decisions[0][12:14], decisions[0][14]
+    assert trials[0][5] <= trials[1][5]  # tried in order of prediction
+    assert len({round(math.log2(t[4])) for t in trials}) == 2  # from different degree bands
+    assert tuned[2:5] in [t[2:5] for t in trials] and tuned[5] > 0
+    assert results[0][1], "the winner's step times were measured"
 
 
 def test_capacity_bucket_change_retunes():
-    adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), check_every=100)
+    adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), shortlist=1,
+                                 trial_steps=1, check_every=100)
     layer = make(adaptive)
-    for tokens in [60] * 3 + [500] * 2:  # capacity 20 (bucket 0), then 163 (bucket 1)
+    for tokens in [60] * 4 + [500] * 2:  # capacity 20 (bucket 0), then 163 (bucket 1)
         layer(torch.randn(tokens, M)).sum().backward()
-    assert [d.reason for d in adaptive.decisions] == ["profile", "profile", "tuned", "bucket"]
+    assert [d.reason for d in adaptive.decisions] == ["profile", "profile", "trial", "tuned",
+                                                      "trial", "bucket"]
     assert layer.last_stats.schedule["reason"] == "bucket"
 
 
 def test_drift_restarts_profiling():
-    adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), check_every=1, drift=0.0)
+    adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), shortlist=1,
+                                 trial_steps=1, check_every=1, drift=0.0)
     layer = make(adaptive)
-    for _ in range(5):
+    for _ in range(8):
         layer(torch.randn(40, M)).sum().backward()
     reasons = [d.reason for d in adaptive.decisions]
-    assert reasons[:4] == ["profile", "profile", "tuned", "drift"]
-    assert adaptive.decisions[2].measured_ms  # the measurement that triggered it
+    assert reasons[:5] == ["profile", "profile", "trial", "tuned", "drift"]  # two checks over
+    assert len(adaptive.decisions[3].measured_ms) >= 3  # the measurements that triggered it
 
 
 def test_lossy_codecs_need_permission():

@@ -9,7 +9,7 @@ import torch
 
 import schedmoe
 from schedmoe.errors import RegistryError
-from schedmoe.ops import Compressor, Expert
+from schedmoe.ops import Expert
 from schedmoe.registry import Registry, registry
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from schedmoe.recorder import TraceEvent
-from schedmoe.simulator import (FORWARD, CostModel, Cluster, Workload, a2a_seconds, predict,
+from schedmoe.simulator import (CostModel, Cluster, Workload, a2a_seconds, predict,
                                 search, simulate)
 from schedmoe.trace import chrome_trace, save_gantt
 

@@ -12,8 +12,9 @@ from abc import ABC, abstractmethod
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
-from ..distributed import EPGroup
+from ..distributed import EPGroup, collective
 from ..errors import A2AError
 from ..topology import Topology, topology
 
@@ -52,10 +53,20 @@ class A2AAlgorithm(ABC):
             self._topology = topology(self.group, self.local_size)
         return self._topology
 
-    @abstractmethod
     def start(self, x: torch.Tensor, output_splits: Splits = None,
               input_splits: Splits = None) -> A2AHandle:
         """Issue the exchange of `x` and return a handle without waiting for it."""
+        send, recv = self.split_sizes(x, output_splits, input_splits)
+        if not self.group.distributed:
+            return A2AHandle(lambda: x)
+        even = input_splits is None and output_splits is None
+        return self._start(x.contiguous(), send, recv, even)
+
+    @abstractmethod
+    def _start(self, x: torch.Tensor, send: list[int], recv: list[int],
+               even: bool) -> A2AHandle:
+        """Issue the exchange on a distributed group: `send[j]` rows of `x` go to rank j,
+        `recv[j]` rows come from rank j (`even`: no split sizes were given)."""
 
     def exchange(self, x: torch.Tensor, output_splits: Splits = None,
                  input_splits: Splits = None) -> torch.Tensor:
@@ -86,6 +97,23 @@ class A2AAlgorithm(ABC):
         even = [x.shape[0] // self.group.size] * self.group.size
         return (even if input_splits is None else list(input_splits),
                 even if output_splits is None else list(output_splits))
+
+
+def start_all_to_all(x: torch.Tensor, recv: list[int], send: list[int], group: EPGroup,
+                     what: str) -> Callable[[], torch.Tensor]:
+    """Issue all_to_all_single on `group`; returns a function that waits and gives the output."""
+    if group.size == 1:
+        return lambda: x
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    with collective(what, group):
+        work = dist.all_to_all_single(out, x, recv, send, group=group.pg, async_op=True)
+
+    def wait() -> torch.Tensor:
+        with collective(what, group):
+            work.wait()
+        return out
+
+    return wait
 
 
 class _AllToAll(torch.autograd.Function):

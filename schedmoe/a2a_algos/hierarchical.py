@@ -12,47 +12,27 @@ intra-node phase) was measured and removed: 0.17x-0.85x of flat on 2 x 2 (docs/a
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from ..distributed import EPGroup, all_gather_ints, collective
+from ..distributed import all_gather_ints
 from ..registry import register_a2a
-from .base import A2AAlgorithm, A2AHandle, Splits
+from .base import A2AAlgorithm, A2AHandle, start_all_to_all
 from .segments import regroup
-
-
-def _start_a2a(x: torch.Tensor, recv: list[int], send: list[int], group: EPGroup, what: str):
-    """Issue all_to_all_single on `group`; returns a function that waits and gives the output."""
-    if group.size == 1:
-        return lambda: x
-    out = x.new_empty((sum(recv), *x.shape[1:]))
-    with collective(what, group):
-        work = dist.all_to_all_single(out, x, recv, send, group=group.pg, async_op=True)
-
-    def wait() -> torch.Tensor:
-        with collective(what, group):
-            work.wait()
-        return out
-
-    return wait
 
 
 @register_a2a("2dh")
 class Hierarchical2D(A2AAlgorithm):
     """Two-phase hierarchical exchange (Tutel / DeepSpeed style)."""
 
-    def start(self, x: torch.Tensor, output_splits: Splits = None,
-              input_splits: Splits = None) -> A2AHandle:
-        send, recv = self.split_sizes(x, output_splits, input_splits)
-        if not self.group.distributed:
-            return A2AHandle(lambda: x)
+    def _start(self, x: torch.Tensor, send: list[int], recv: list[int],
+               even: bool) -> A2AHandle:
         topo = self.topology
         # node_sizes[l][d]: rows that local rank l of this node sends to group rank d.
-        if input_splits is None and output_splits is None:
+        if even:
             node_sizes = [send] * topo.local_size
         else:
             node_sizes = all_gather_ints(send, topo.intra, x.device,
                                          "2dh split-size exchange").tolist()
-        return A2AHandle(self._two_phases(x.contiguous(), send, recv, node_sizes))
+        return A2AHandle(self._two_phases(x, send, recv, node_sizes))
 
     def _two_phases(self, x, send, recv, node_sizes):
         """Issue phase 1 now; the returned function finishes phase 1 and runs phase 2."""
@@ -63,7 +43,7 @@ class Hierarchical2D(A2AAlgorithm):
         in1 = [sum(send[n * L + j] for n in range(N)) for j in range(L)]
         # What arrives from local rank l: its rows for (node n, local me), for every n.
         arrive_LN = [[node_sizes[l][n * L + me] for n in range(N)] for l in range(L)]
-        wait1 = _start_a2a(x1, [sum(row) for row in arrive_LN], in1, topo.intra,
+        wait1 = start_all_to_all(x1, [sum(row) for row in arrive_LN], in1, topo.intra,
                            "2dh intra-node all-to-all")
 
         def finish() -> torch.Tensor:
@@ -71,6 +51,6 @@ class Hierarchical2D(A2AAlgorithm):
             x2 = regroup(wait1(), arrive_LN)
             in2 = [sum(arrive_LN[l][n] for l in range(L)) for n in range(N)]
             out2 = [sum(recv[n * L:(n + 1) * L]) for n in range(N)]
-            return _start_a2a(x2, out2, in2, topo.inter, "2dh inter-node all-to-all")()
+            return start_all_to_all(x2, out2, in2, topo.inter, "2dh inter-node all-to-all")()
 
         return finish

@@ -14,19 +14,15 @@ import torch.distributed as dist
 
 from ..distributed import collective
 from ..registry import register_a2a
-from .base import A2AAlgorithm, A2AHandle, Splits
+from .base import A2AAlgorithm, A2AHandle
 from .segments import offsets
 
 
 @register_a2a("pipe")
 class PipeA2A(A2AAlgorithm):
-    def start(self, x: torch.Tensor, output_splits: Splits = None,
-              input_splits: Splits = None) -> A2AHandle:
-        send, recv = self.split_sizes(x, output_splits, input_splits)
-        if not self.group.distributed:
-            return A2AHandle(lambda: x)
+    def _start(self, x: torch.Tensor, send: list[int], recv: list[int],
+               even: bool) -> A2AHandle:
         topo = self.topology
-        x = x.contiguous()
         out = x.new_empty((sum(recv), *x.shape[1:]))
         send_at, recv_at = offsets(send), offsets(recv)
         lo, hi = topo.node * topo.local_size, (topo.node + 1) * topo.local_size

@@ -1,0 +1,258 @@
+"""Schedulers side by side on the emulated 2 nodes x 2 ranks at 1 Gbit/s, with DeepSpeed-MoE.
+
+    python experiments/schedule_bench.py            # root; about 15 minutes on 2 cores
+    python experiments/schedule_bench.py --steps 4 --workloads 0,5
+
+For each of 12 workloads (tokens per rank, model dim, hidden dim, top-k, capacity factor; 8
+experts, 2 per rank, fp32) it times a layer's forward + backward step (slowest rank, median of
+--steps after warm-up) for: `sequential`; `pipeline` at r = 2, 4, 8 (flat A2A); `adaptive`
+(after its profiling steps); every fixed (algorithm, r) in {nccl, 2dh, pipe} x {1, 2, 4, 8}
+(the exhaustive sweep); and DeepSpeed-MoE's `MoE` layer (gloo, ep_size 4, same sizes).
+
+Derived figures: speedups over sequential; overlap efficiency = max(compute, comm) / step,
+where comm is the sequential step's A2A time (forward + backward) and compute the rest of that
+step; simulator error = adaptive's measured step / the simulator's prediction of that step - 1
+(the prediction is the simulated exchange-expert-exchange region, forward and backward, plus the
+time the profiled steps spent outside it), for its choice and for every candidate it tried.
+Writes experiments/results/schedule_bench.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+EXPERTS = 8
+WORKLOADS = [
+    {"tokens": t, "model_dim": m, "hidden_dim": h, "top_k": k, "capacity_factor": cf}
+    for t in (256, 1024)
+    for m, h in ((256, 256), (512, 256), (256, 1024))
+    for k, cf in ((2, 1.25), (1, 2.0))
+]
+SWEEP = [(a, r) for a in ("nccl", "2dh", "pipe") for r in (1, 2, 4, 8)]
+
+
+def time_steps(make_and_step, warmup: int, steps: int) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    times = []
+    for i in range(warmup + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        make_and_step()
+        t = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        if i >= warmup:
+            times.append(t.item())
+    return times
+
+
+def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    import torch.distributed as dist
+
+    import schedmoe
+    from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    for wid in workload_ids:
+        w = WORKLOADS[wid]
+        x = torch.randn(w["tokens"], w["model_dim"],
+                        generator=torch.Generator().manual_seed(rank)).requires_grad_()
+
+        def layer_runner(scheduler, a2a="nccl"):
+            torch.manual_seed(0)
+            layer = schedmoe.MoELayer(w["model_dim"], EXPERTS, w["hidden_dim"], w["top_k"],
+                                      w["capacity_factor"], a2a=a2a, scheduler=scheduler)
+
+            def step():
+                y = layer(x)
+                (y.square().mean() + 0.01 * y.l_aux).backward()
+            return layer, step
+
+        row = {"workload": w, "id": wid, "ms": {}}
+        layer, step = layer_runner("sequential")
+        seq = time_steps(step, 2, steps)
+        row["ms"]["sequential"] = 1e3 * statistics.median(seq)
+        ops = layer.last_stats.op_ms
+        row["sequential_comm_ms"] = sum(v for k, v in ops.items() if k.endswith(".a2a"))
+        for a, r in SWEEP:
+            _, step = layer_runner(PipelineScheduler(r), a)
+            row["ms"][f"{a} r={r}"] = 1e3 * statistics.median(time_steps(step, 2, steps))
+        adaptive = AdaptiveScheduler(degrees=tuple(range(1, 17)))
+        layer, step = layer_runner(adaptive)
+        tuning = len(adaptive._plan) + 5 * adaptive.trial_steps  # 5 degree bands in 1..16
+        row["ms"]["adaptive"] = 1e3 * statistics.median(time_steps(step, tuning + 2, steps))
+        d = [d for d in adaptive.decisions if d.reason not in ("profile", "trial")][-1]
+        row["adaptive_choice"] = {"algorithm": d.algorithm, "codec": d.codec, "degree": d.degree,
+                                  "reason": d.reason, "predicted_ms": d.predicted_ms,
+                                  "decisions": [(x.step, x.reason, x.algorithm, x.degree,
+                                                 x.predicted_ms, x.measured_ms)
+                                                for x in adaptive.decisions]}
+        row["ms"]["deepspeed"] = 1e3 * statistics.median(time_steps(
+            deepspeed_runner(w, x, world), 2, steps))
+        if rank == 0:
+            print(wid, {k: round(v, 1) for k, v in row["ms"].items()}, row["adaptive_choice"],
+                  flush=True)
+        results.append(row)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def deepspeed_runner(w: dict, x, world: int):
+    import deepspeed
+    import torch
+    from deepspeed.moe.layer import MoE
+    from torch import nn
+
+    if not deepspeed.comm.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    expert = nn.Sequential(nn.Linear(w["model_dim"], w["hidden_dim"]), nn.GELU(),
+                           nn.Linear(w["hidden_dim"], w["model_dim"]))
+    moe = MoE(hidden_size=w["model_dim"], expert=expert, num_experts=EXPERTS, ep_size=world,
+              k=w["top_k"], capacity_factor=w["capacity_factor"],
+              eval_capacity_factor=w["capacity_factor"], min_capacity=0, drop_tokens=True)
+
+    def step():
+        out, l_aux, _ = moe(x.unsqueeze(0))
+        (out.square().mean() + 0.01 * l_aux).backward()
+    return step
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    for row in rows:
+        ms = row["ms"]
+        seq = ms["sequential"]
+        sweep = {k: v for k, v in ms.items() if "r=" in k}
+        best_key = min(sweep, key=sweep.get)
+        comm = row["sequential_comm_ms"]
+        compute = seq - comm
+        row["speedup_vs_sequential"] = {k: seq / v for k, v in ms.items()}
+        row["best_fixed"] = {"config": best_key, "ms": sweep[best_key]}
+        row["adaptive_vs_best_fixed"] = ms["adaptive"] / sweep[best_key] - 1
+        row["comm_bound"] = comm > compute
+        row["overlap_efficiency"] = {k: max(compute, comm) / v for k, v in ms.items()
+                                     if k not in ("deepspeed",)}
+        predicted = row["adaptive_choice"]["predicted_ms"]
+        row["simulator_error"] = ms["adaptive"] / predicted - 1 if predicted else None
+        row["simulator_error_trials"] = [
+            {"config": f"{alg} r={r}", "predicted_ms": p, "measured_ms": statistics.median(m[1:]),
+             "error": statistics.median(m[1:]) / p - 1}
+            for _, reason, alg, r, p, m in row["adaptive_choice"]["decisions"]
+            if reason == "trial" and len(m) > 1]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| # | T | M | H | k | cf | comm/step | sequential ms | pipeline r=2/4/8 (x) | "
+             "adaptive ms (x) | adaptive chose | best fixed (ms) | adaptive vs best | "
+             "overlap eff. (adaptive) | sim. error | DeepSpeed ms (x) |",
+             "|---" * 16 + "|"]
+    for r in rows:
+        w, ms, sp = r["workload"], r["ms"], r["speedup_vs_sequential"]
+        c = r["adaptive_choice"]
+        err = f"{100 * r['simulator_error']:+.0f}%" if r["simulator_error"] is not None else "-"
+        lines.append(
+            f"| {r['id']} | {w['tokens']} | {w['model_dim']} | {w['hidden_dim']} | {w['top_k']} "
+            f"| {w['capacity_factor']} | {r['sequential_comm_ms'] / ms['sequential']:.2f} "
+            f"| {ms['sequential']:.0f} | "
+            + "/".join(f"{sp[f'nccl r={d}']:.2f}" for d in (2, 4, 8))
+            + f" | {ms['adaptive']:.0f} ({sp['adaptive']:.2f}) | {c['algorithm']} r={c['degree']}"
+            f" | {r['best_fixed']['config']} ({r['best_fixed']['ms']:.0f}) | "
+            f"{100 * r['adaptive_vs_best_fixed']:+.1f}% | "
+            f"{r['overlap_efficiency']['adaptive']:.2f} | {err} | "
+            f"{ms['deepspeed']:.0f} ({sp['deepspeed']:.2f}) |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["nccl r=2", "nccl r=4", "nccl r=8", "adaptive", "deepspeed"]
+    best = [r["best_fixed"]["config"] for r in rows]
+    fig, ax = plt.subplots(figsize=(13, 4.5))
+    width = 0.8 / (len(keys) + 1)
+    for i, key in enumerate(keys):
+        ax.bar([j + i * width for j in range(len(rows))],
+               [r["speedup_vs_sequential"][key] for r in rows], width, label=key)
+    ax.bar([j + len(keys) * width for j in range(len(rows))],
+           [r["speedup_vs_sequential"][b] for r, b in zip(rows, best)], width,
+           label="best fixed (sweep)", color="grey")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([j + 0.4 for j in range(len(rows))])
+    ax.set_xticklabels([f"#{r['id']} T{r['workload']['tokens']} M{r['workload']['model_dim']}"
+                        f" H{r['workload']['hidden_dim']} k{r['workload']['top_k']}"
+                        for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="speedup over sequential (fwd+bwd step)",
+           title="emulated 2 nodes x 2 ranks, 1 Gbit/s, gloo on 2 CPU cores")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run_workloads(ids: list[int], steps: int) -> list[dict]:
+    from schedmoe.emulate import ClusterSpec, EmulatedCluster
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rows.json")
+        with EmulatedCluster(ClusterSpec(nodes=2, ranks_per_node=2, rate="1gbit")) as cluster:
+            logs = cluster.launch(["experiments.schedule_bench", "--worker", out, "--steps",
+                                   str(steps), "--workloads", ",".join(map(str, ids))],
+                                  timeout=1200,
+                                  env={"PYTHONPATH": str(Path(__file__).parent.parent)})
+        print(logs[0], end="", flush=True)
+        return json.loads(Path(out).read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--workloads", default=",".join(str(i) for i in range(len(WORKLOADS))))
+    p.add_argument("--out", default=str(RESULTS / "schedule_bench"))
+    args = p.parse_args()
+    ids = [int(i) for i in args.workloads.split(",")]
+    if args.worker:
+        worker(args.worker, args.steps, ids)
+        return
+    failures: list[dict] = []
+    rows = []
+    for wid in ids:  # one cluster launch per workload, so a crashed rank costs one workload
+        for attempt in range(1, 4):
+            try:
+                rows.extend(run_workloads([wid], args.steps))
+                break
+            except Exception as exc:  # noqa: BLE001  reported, then retried
+                print(f"workload {wid}, attempt {attempt} failed: {str(exc)[-600:]}", flush=True)
+                failures.append({"workload": wid, "attempt": attempt, "error": str(exc)[-2000:]})
+    rows = summarize(rows)
+    target = Path(args.out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.with_suffix(".json").write_text(json.dumps(
+        {"command": " ".join(["python"] + sys.argv), "rows": rows, "failed_attempts": failures},
+        indent=1))
+    table = markdown(rows)
+    target.with_suffix(".md").write_text(table + "\n")
+    plot(rows, target.with_suffix(".png"))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
