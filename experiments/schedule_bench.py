@@ -20,6 +20,7 @@ Writes experiments/results/schedule_bench.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import statistics
@@ -57,6 +58,7 @@ def time_steps(make_and_step, warmup: int, steps: int) -> list[float]:
 
 def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    faulthandler.enable()  # a rank that aborts prints where it was
     import torch
     import torch.distributed as dist
 
@@ -241,7 +243,7 @@ def main() -> None:
                 break
             except Exception as exc:  # noqa: BLE001  reported, then retried
                 print(f"workload {wid}, attempt {attempt} failed: {str(exc)[-600:]}", flush=True)
-                failures.append({"workload": wid, "attempt": attempt, "error": str(exc)[-2000:]})
+                failures.append({"workload": wid, "attempt": attempt, "error": str(exc)})
     rows = summarize(rows)
     target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)

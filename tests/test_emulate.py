@@ -52,3 +52,27 @@ def test_failed_node_is_reported_and_cleaned_up():
             assert len(namespaces() - before) == 3  # two nodes and the switch
             c.launch(["schedmoe.no_such_module"], timeout=60)
     assert namespaces() == before
+
+
+def intervals(trace: dict, name_start: str) -> list[tuple[float, float, str]]:
+    return [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in trace["traceEvents"]
+            if e.get("ph") == "X" and e["name"].startswith(name_start)]
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"cannot emulate a cluster here: {REASON}")
+def test_pipelined_trace_overlaps_a2a_with_experts(tmp_path):
+    """Chunk i+1's exchanges are in flight while chunk i's experts run, forward and backward."""
+    prefix = tmp_path / "trace"
+    proc = subprocess.run(
+        [sys.executable, "-m", "schedmoe.cli", "bench", "--emulate-nodes", "2", "--ranks", "2",
+         "--inter-node-rate", "500mbit", "--tokens", "256", "--model-dim", "64",
+         "--hidden-dim", "128", "--num-experts", "4", "--steps", "1", "--warmup", "1",
+         "--scheduler", "pipeline", "--degree", "3", "--trace", str(prefix),
+         "--timeout", "120"], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trace = json.loads(prefix.with_suffix(".json").read_text())
+    assert prefix.with_suffix(".png").stat().st_size > 0
+    for a2a, experts in (("dispatch.a2a", "experts["), ("combine.bwd.a2a", "experts.bwd[")):
+        overlapping = {(x[2], y[2]) for x in intervals(trace, a2a)
+                       for y in intervals(trace, experts) if x[0] < y[1] and y[0] < x[1]}
+        assert overlapping, f"no {a2a} interval overlaps an {experts} interval"

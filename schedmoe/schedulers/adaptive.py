@@ -18,7 +18,7 @@ Legend: W ranks, E local experts, C capacity, M model dim; n = payload bytes of 
    between two calls of this layer (slowest rank), so it covers forward, backward and whatever
    the model does around the layer, and it includes effects the two-resource model cannot see.
    The fastest trial (median after its first, warm-up step) wins.
-4. Running uses the pipelined schedule with that choice. Every `check_every` steps the step time
+4. Running uses the pipelined schedule with that choice (the sequential one for r = 1). Every `check_every` steps the step time
    is compared with the winner's trial time; beyond `drift` (relative) on two checks in a row the
    models are thrown away and profiling starts again. A new capacity bucket (C // 128, Tutel's
    key) re-tunes from the existing models.
@@ -45,6 +45,7 @@ from ..registry import register_scheduler, registry
 from ..simulator import BACKWARD, FORWARD, CostModel, simulate
 from .base import Scheduler, StepContext
 from .pipeline import PipelineScheduler, chunk_bounds
+from .sequential import SequentialScheduler
 
 PROFILE_DEGREES = (1, 4)
 
@@ -111,8 +112,10 @@ class AdaptiveScheduler(Scheduler):
             self._pending.append((decision, ctx.rec, x_WECM.shape, x_WECM.element_size()))
         else:
             decision = self._choose(x_WECM, ctx)
-            y = PipelineScheduler(decision.degree).run(
-                x_WECM, self._context(ctx, decision.algorithm, decision.codec))
+            # r = 1 overlaps nothing: the sequential schedule, with autograd's plain backward
+            schedule = SequentialScheduler() if decision.degree == 1 else \
+                PipelineScheduler(decision.degree)
+            y = schedule.run(x_WECM, self._context(ctx, decision.algorithm, decision.codec))
         self._last_decision = decision
         ctx.notes.update(dataclasses.asdict(decision))
         ctx.notes["decisions"] = len(self.decisions)
