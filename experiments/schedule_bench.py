@@ -64,6 +64,7 @@ def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
 
     import schedmoe
     from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
+    from schedmoe.topology import release as release_groups
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -111,6 +112,7 @@ def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
         results.append(row)
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
+    release_groups()
     dist.destroy_process_group()
 
 

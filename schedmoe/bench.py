@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .layer import MoELayer
 from .recorder import TraceEvent
+from .topology import release as release_groups
 from .schedulers.pipeline import PipelineScheduler
 
 
@@ -189,6 +190,7 @@ def _run_torchrun(cfg: BenchConfig, timeout: float) -> dict:
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
     finally:
+        release_groups()
         dist.destroy_process_group()
     return summarize(cfg, gathered, backend)
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .errors import RankError
+from .topology import release as release_groups
 
 
 class RemoteError(Exception):
@@ -109,6 +110,7 @@ def _rank_main(fn, rank, world_size, args, backend, tmpdir, timeout, collective_
         try:
             result = ("ok", fn(rank, world_size, *args), "")
         finally:
+            release_groups()
             dist.destroy_process_group()
     except BaseException as exc:  # report everything, including KeyboardInterrupt
         tb = traceback.format_exc()

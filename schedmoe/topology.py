@@ -4,7 +4,8 @@ hierarchical A2A algorithms need.
 Group rank r sits on node r // L with local index r % L (torchrun's numbering). The intra-node
 group holds the L ranks of one node; the inter-node group the N ranks with the same local index;
 `spare` is a second communicator over the whole EP group, so that two exchanges can be in flight
-at once on separate communicators. Groups are created once per (EP group, L) and cached.
+at once on separate communicators. Groups are created once per (EP group, L) and cached until
+`release()`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def topology(group: EPGroup, local_size: int | None = None) -> Topology:
     if not group.distributed:
         return Topology(group, 1, group, group, group)
     ranks = tuple(dist.get_process_group_ranks(group.pg))
-    key = (ranks, local)
+    key = (group.pg, local)  # the group object: a re-initialised world gets new sub-groups
     if key not in _CACHE:
         node, local_rank = group.rank // local, group.rank % local
         intra_ranks = [ranks[node * local + i] for i in range(local)]
@@ -74,6 +75,17 @@ def topology(group: EPGroup, local_size: int | None = None) -> Topology:
             spare=_subgroup(list(ranks), group.rank, group),
         )
     return _CACHE[key]
+
+
+def release() -> None:
+    """Destroy the cached sub-groups; call it just before `dist.destroy_process_group()`.
+    Gloo sub-groups left for the interpreter to collect at exit can abort the process
+    ("terminate called without an active exception"). Not for use mid-run: torch names
+    sub-groups by their ranks and the live group count, so new ones would reuse stale names."""
+    for topo in _CACHE.values():
+        for sub in (topo.intra, topo.inter, topo.spare):
+            dist.destroy_process_group(sub.pg)
+    _CACHE.clear()
 
 
 def _subgroup(global_ranks: list[int], my_rank: int, parent: EPGroup) -> EPGroup:

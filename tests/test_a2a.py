@@ -11,6 +11,8 @@ from schedmoe.distributed import EPGroup
 from schedmoe.errors import A2AError
 from schedmoe.registry import registry
 from schedmoe.testing import run_ranks
+from schedmoe import topology as topology_module
+from schedmoe.topology import release, topology
 
 DTYPES = [torch.float32, torch.bfloat16, torch.uint8]
 
@@ -107,3 +109,21 @@ def test_dead_rank_fails_every_algorithm_clearly(names, before_topology):
         for rank, res in enumerate(results[:-1]):
             assert isinstance(res, PeerError), (name, rank, res)
             assert "peer rank died" in str(res)
+
+
+def release_destroys(rank: int, world: int) -> bool:
+    group = EPGroup.resolve(None)
+    x = payload(rank, 2 * world, torch.float32, 0)
+    expected = torch.empty_like(x)
+    dist.all_to_all_single(expected, x)
+    assert torch.equal(registry("a2a").get("pipe")(group, 2).exchange(x), expected)
+    subgroups = topology(group, 2)
+    release()
+    registered = dist.distributed_c10d._world.pg_map  # torch's live groups
+    assert not any(sub.pg in registered
+                   for sub in (subgroups.intra, subgroups.inter, subgroups.spare))
+    return not topology_module._CACHE
+
+
+def test_release_destroys_the_cached_subgroups():
+    assert run_ranks(release_destroys, 4, timeout=120) == [True] * 4
