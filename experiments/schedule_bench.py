@@ -183,6 +183,38 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def targets(rows: list[dict]) -> str:
+    """The issue's targets, counted over the workloads."""
+    comm_bound = [r for r in rows if r["comm_bound"]]
+    pipelined = [r for r in rows if r["adaptive_choice"]["degree"] > 1]
+    errors = [r["simulator_error"] for r in rows if r["simulator_error"] is not None]
+    speedups = [r["speedup_vs_sequential"]["adaptive"] for r in rows]
+    lines = [
+        f"- adaptive >= 1.3x sequential on communication-bound workloads (comm > compute): "
+        f"{sum(r['speedup_vs_sequential']['adaptive'] >= 1.3 for r in comm_bound)} of "
+        f"{len(comm_bound)} (speedups "
+        + ", ".join(f"#{r['id']} {r['speedup_vs_sequential']['adaptive']:.2f}x"
+                    for r in comm_bound) + ")",
+        f"- adaptive within 5% of the best fixed configuration: "
+        f"{sum(r['adaptive_vs_best_fixed'] <= 0.05 for r in rows)} of {len(rows)}",
+        f"- adaptive never more than 3% slower than sequential: "
+        f"{sum(s >= 1 / 1.03 for s in speedups)} of {len(rows)} "
+        f"(lowest {min(speedups):.2f}x, median {statistics.median(speedups):.2f}x)",
+        f"- overlap efficiency >= 0.85 where adaptive pipelines (r > 1): "
+        f"{sum(r['overlap_efficiency']['adaptive'] >= 0.85 for r in pipelined)} of "
+        f"{len(pipelined)}",
+        f"- simulator prediction within 15% of measured (adaptive's choice): "
+        f"{sum(abs(e) <= 0.15 for e in errors)} of {len(errors)}; over every tried "
+        f"candidate: {sum(abs(t['error']) <= 0.15 for r in rows for t in r['simulator_error_trials'])}"
+        f" of {sum(len(r['simulator_error_trials']) for r in rows)}",
+        f"- DeepSpeed-MoE vs our sequential: median "
+        f"{statistics.median(r['speedup_vs_sequential']['deepspeed'] for r in rows):.2f}x; "
+        f"adaptive vs DeepSpeed: median "
+        f"{statistics.median(r['ms']['deepspeed'] / r['ms']['adaptive'] for r in rows):.2f}x",
+    ]
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -231,10 +263,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--workloads", default=",".join(str(i) for i in range(len(WORKLOADS))))
     p.add_argument("--out", default=str(RESULTS / "schedule_bench"))
+    p.add_argument("--from-json", action="store_true",
+                   help="redo the table, targets and plot from OUT.json without running")
     args = p.parse_args()
     ids = [int(i) for i in args.workloads.split(",")]
     if args.worker:
         worker(args.worker, args.steps, ids)
+        return
+    target = Path(args.out)
+    if args.from_json:
+        saved = json.loads(target.with_suffix(".json").read_text())
+        report(saved["rows"], target)
         return
     failures: list[dict] = []
     rows = []
@@ -247,15 +286,18 @@ def main() -> None:
                 print(f"workload {wid}, attempt {attempt} failed: {str(exc)[-600:]}", flush=True)
                 failures.append({"workload": wid, "attempt": attempt, "error": str(exc)})
     rows = summarize(rows)
-    target = Path(args.out)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.with_suffix(".json").write_text(json.dumps(
         {"command": " ".join(["python"] + sys.argv), "rows": rows, "failed_attempts": failures},
         indent=1))
-    table = markdown(rows)
-    target.with_suffix(".md").write_text(table + "\n")
+    report(rows, target)
+
+
+def report(rows: list[dict], target: Path) -> None:
+    text = markdown(rows) + "\n\n" + targets(rows) + "\n"
+    target.with_suffix(".md").write_text(text)
     plot(rows, target.with_suffix(".png"))
-    print(table)
+    print(text)
 
 
 if __name__ == "__main__":
