@@ -48,6 +48,7 @@ from .pipeline import PipelineScheduler, chunk_bounds
 from .sequential import SequentialScheduler
 
 PROFILE_DEGREES = (1, 4)
+KEEP_MEASURED = 32  # step times kept per decision: its first and the latest
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Decision:
     degree: int
     predicted_ms: float | None = None  # the step: region forward + backward, plus outside
     predicted_forward_ms: float | None = None  # the region's forward
+    # step times; for a running decision the first (its trial's) and the latest 32
     measured_ms: list[float] = dataclasses.field(default_factory=list)  # step, slowest rank
 
 
@@ -125,7 +127,10 @@ class AdaptiveScheduler(Scheduler):
         """The time since the last call is the last step's; it belongs to the last decision."""
         now = time.perf_counter()
         if self._last_call is not None and self._last_decision is not None:
-            self._last_decision.measured_ms.append(1e3 * (now - self._last_call))
+            measured = self._last_decision.measured_ms
+            measured.append(1e3 * (now - self._last_call))
+            if len(measured) > 2 * KEEP_MEASURED:  # a long run: the first and the latest
+                del measured[1:-KEEP_MEASURED]
         self._last_call = now
 
     # -- running -------------------------------------------------------------------------------
