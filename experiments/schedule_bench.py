@@ -1,12 +1,12 @@
 """Schedulers side by side on the emulated 2 nodes x 2 ranks at 1 Gbit/s, with DeepSpeed-MoE.
 
-    python experiments/schedule_bench.py            # root; about 15 minutes on 2 cores
+    python experiments/schedule_bench.py            # root; about 12 minutes on 2 cores
     python experiments/schedule_bench.py --steps 4 --workloads 0,5
 
 For each of 12 workloads (tokens per rank, model dim, hidden dim, top-k, capacity factor; 8
 experts, 2 per rank, fp32) it times a layer's forward + backward step (slowest rank, median of
 --steps after warm-up) for: `sequential`; `pipeline` at r = 2, 4, 8 (flat A2A); `adaptive`
-(after its profiling steps); every fixed (algorithm, r) in {nccl, 2dh, pipe} x {1, 2, 4, 8}
+(after its profiling and trial steps); every fixed (algorithm, r) in {nccl, 2dh, pipe} x {1, 2, 4, 8}
 (the exhaustive sweep); and DeepSpeed-MoE's `MoE` layer (gloo, ep_size 4, same sizes).
 
 Derived figures: speedups over sequential; overlap efficiency = max(compute, comm) / step,

@@ -35,7 +35,7 @@ class A2AHandle:
 
 
 class A2AAlgorithm(ABC):
-    """One way of doing all_to_all_single over an EP group. Subclasses implement `start`.
+    """One way of doing all_to_all_single over an EP group. Subclasses implement `_start`.
 
     `local_size` is the number of ranks per node (default: torchrun's LOCAL_WORLD_SIZE); only
     topology-aware algorithms use it, through `self.topology`.
@@ -73,8 +73,10 @@ class A2AAlgorithm(ABC):
         """Blocking form of `start`."""
         return self.start(x, output_splits, input_splits).wait()
 
-    def output_rows(self, x: torch.Tensor, output_splits: Splits, input_splits: Splits) -> int:
-        """Validate the splits against `x` and the group; return the number of output rows."""
+    def split_sizes(self, x: torch.Tensor, output_splits: Splits,
+                    input_splits: Splits) -> tuple[list[int], list[int]]:
+        """(send, recv) rows per rank, even splits filled in, after checking the splits
+        against `x` and the group."""
         world = self.group.size
         for label, splits in (("input_splits", input_splits), ("output_splits", output_splits)):
             if splits is not None and (len(splits) != world or any(s < 0 for s in splits)):
@@ -86,15 +88,7 @@ class A2AAlgorithm(ABC):
             )
         if input_splits is not None and sum(input_splits) != x.shape[0]:
             raise A2AError(f"input_splits sum to {sum(input_splits)}, dim 0 is {x.shape[0]}")
-        if output_splits is None:
-            return x.shape[0]
-        return sum(output_splits)
-
-    def split_sizes(self, x: torch.Tensor, output_splits: Splits,
-                    input_splits: Splits) -> tuple[list[int], list[int]]:
-        """(send, recv) rows per rank, even splits filled in; validates like `output_rows`."""
-        self.output_rows(x, output_splits, input_splits)
-        even = [x.shape[0] // self.group.size] * self.group.size
+        even = [x.shape[0] // world] * world
         return (even if input_splits is None else list(input_splits),
                 even if output_splits is None else list(output_splits))
 

@@ -104,9 +104,9 @@ class AdaptiveScheduler(Scheduler):
         self._step += 1
         self._time_last_step()
         self._harvest()
-        if ctx.rec.events is None:
-            ctx.rec.events = []  # the op intervals are this scheduler's measurements
         if self._plan:
+            if ctx.rec.events is None:
+                ctx.rec.events = []  # a profiled step's op intervals are its measurements
             algorithm, codec, degree = self._plan.pop(0)
             decision = Decision(self._step, "profile", algorithm, codec, degree)
             self.decisions.append(decision)
