@@ -10,6 +10,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import pickle
+import signal
 import tempfile
 import time
 import traceback
@@ -46,8 +47,8 @@ def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
         tmpdir = Path(tmp)
         procs = [
             ctx.Process(target=_rank_main, daemon=False, args=(
-                fn, rank, world_size, tuple(args), backend, str(tmpdir), timeout,
-                collective_timeout, threads_per_rank, env or {}))
+                fn, rank, world_size, tuple(args), backend, str(tmpdir), collective_timeout,
+                threads_per_rank, env or {}))
             for rank in range(world_size)
         ]
         for p in procs:
@@ -56,11 +57,26 @@ def spawn(fn: Callable[..., Any], world_size: int, args: Sequence[Any] = (), *,
         for p in procs:
             p.join(max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        _dump_stacks(tmpdir, procs, hung)
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
         return _collect(tmpdir, procs, hung, timeout, return_exceptions)
+
+
+def _dump_stacks(tmpdir: Path, procs: list, hung: list[int], wait: float = 5.0) -> None:
+    """Ask each hung rank to write its Python stack (SIGUSR1, see `_rank_main`) and wait for it."""
+    for rank in hung:
+        os.kill(procs[rank].pid, signal.SIGUSR1)
+    deadline = time.monotonic() + wait
+    for rank in hung:
+        stack_file = tmpdir / f"rank{rank}.stack"
+        while time.monotonic() < deadline and procs[rank].is_alive():
+            if stack_file.exists() and stack_file.stat().st_size > 0:
+                time.sleep(0.2)  # let the dump of every thread finish
+                break
+            time.sleep(0.05)
 
 
 def _collect(tmpdir: Path, procs: list, hung: list[int], timeout: float,
@@ -92,13 +108,13 @@ def _collect(tmpdir: Path, procs: list, hung: list[int], timeout: float,
     return results
 
 
-def _rank_main(fn, rank, world_size, args, backend, tmpdir, timeout, collective_timeout,
-               threads, env) -> None:
+def _rank_main(fn, rank, world_size, args, backend, tmpdir, collective_timeout, threads,
+               env) -> None:
     os.environ.update(env)
     tmp = Path(tmpdir)
     stack_file = open(tmp / f"rank{rank}.stack", "w")
-    # A hung rank writes its Python stack shortly before the parent kills it.
-    faulthandler.dump_traceback_later(max(1.0, timeout - 2.0), exit=False, file=stack_file)
+    # A hung rank writes its Python stack when the parent asks, just before it kills it.
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -116,7 +132,7 @@ def _rank_main(fn, rank, world_size, args, backend, tmpdir, timeout, collective_
         tb = traceback.format_exc()
         exc.remote_traceback = tb
         result = ("error", _picklable(exc, tb), tb)
-    faulthandler.cancel_dump_traceback_later()
+    faulthandler.unregister(signal.SIGUSR1)
     (tmp / f"rank{rank}.tmp").write_bytes(pickle.dumps(result))
     os.replace(tmp / f"rank{rank}.tmp", tmp / f"rank{rank}.pkl")
 
