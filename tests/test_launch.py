@@ -54,6 +54,6 @@ def test_dead_rank_is_reported():
 
 def test_hang_is_reported_with_stack():
     start = time.monotonic()
-    with pytest.raises(RankError, match=r"(?s)rank 1 did not finish within 6 s.*rank_hangs"):
-        run_ranks(rank_hangs, 2, timeout=6)
-    assert time.monotonic() - start < 20
+    with pytest.raises(RankError, match=r"(?s)rank 1 did not finish within 15 s.*rank_hangs"):
+        run_ranks(rank_hangs, 2, timeout=15)
+    assert time.monotonic() - start < 40
