@@ -96,7 +96,7 @@ def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
             row["ms"][f"{a} r={r}"] = 1e3 * statistics.median(time_steps(step, 2, steps))
         adaptive = AdaptiveScheduler(degrees=tuple(range(1, 17)))
         layer, step = layer_runner(adaptive)
-        tuning = len(adaptive._plan) + 5 * adaptive.trial_steps  # 5 degree bands in 1..16
+        tuning = len(adaptive._plan) + adaptive.shortlist * adaptive.trial_steps  # 5 bands
         row["ms"]["adaptive"] = 1e3 * statistics.median(time_steps(step, tuning + 2, steps))
         d = [d for d in adaptive.decisions if d.reason not in ("profile", "trial")][-1]
         row["adaptive_choice"] = {"algorithm": d.algorithm, "codec": d.codec, "degree": d.degree,

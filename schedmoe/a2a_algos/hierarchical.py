@@ -44,7 +44,7 @@ class Hierarchical2D(A2AAlgorithm):
         # What arrives from local rank l: its rows for (node n, local me), for every n.
         arrive_LN = [[node_sizes[l][n * L + me] for n in range(N)] for l in range(L)]
         wait1 = start_all_to_all(x1, [sum(row) for row in arrive_LN], in1, topo.intra,
-                           "2dh intra-node all-to-all")
+                                 "2dh intra-node all-to-all")
 
         def finish() -> torch.Tensor:
             # Phase 2: [source local][dest node] -> [dest node][source local], exchange across.

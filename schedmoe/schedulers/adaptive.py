@@ -18,10 +18,10 @@ Legend: W ranks, E local experts, C capacity, M model dim; n = payload bytes of 
    between two calls of this layer (slowest rank), so it covers forward, backward and whatever
    the model does around the layer, and it includes effects the two-resource model cannot see.
    The fastest trial (median after its first, warm-up step) wins.
-4. Running uses the pipelined schedule with that choice (the sequential one for r = 1). Every `check_every` steps the step time
-   is compared with the winner's trial time; beyond `drift` (relative) on two checks in a row the
-   models are thrown away and profiling starts again. A new capacity bucket (C // 128, Tutel's
-   key) re-tunes from the existing models.
+4. Running uses the pipelined schedule with that choice (the sequential one for r = 1). Every
+   `check_every` steps the step time is compared with the winner's trial time; beyond `drift`
+   (relative) on two checks in a row the models are thrown away and profiling starts again. A
+   new capacity bucket (C // 128, Tutel's key) re-tunes from the existing models.
 
 Every decision (step, reason, candidate, predicted, measured) is kept in `decisions` and the
 current one is reported in `layer.last_stats.schedule`.
@@ -49,6 +49,13 @@ from .sequential import SequentialScheduler
 
 PROFILE_DEGREES = (1, 4)
 KEEP_MEASURED = 32  # step times kept per decision: its first and the latest
+
+
+def chunk_bytes(shape_WECM: tuple[int, ...], itemsize: int, degree: int) -> list[float]:
+    """Payload bytes n of each of the `degree` chunks that split capacity."""
+    world, experts, capacity, model_dim = shape_WECM
+    return [world * experts * (hi - lo) * model_dim * itemsize
+            for lo, hi in chunk_bounds(capacity, degree)]
 
 
 @dataclass
@@ -85,8 +92,7 @@ class AdaptiveScheduler(Scheduler):
         self._last_call: float | None = None
         self._last_decision: Decision | None = None
         self._drifting = False
-        self._plan = [(a, c, d) for a in self.algorithms for c in self.codecs
-                      for d in PROFILE_DEGREES]
+        self._plan = self._profile_plan()
         self._samples: dict[str, list[tuple[float, float]]] = {}
         self._outside_ms: list[float] = []  # step time outside the region, profiled steps
         self._pending: list[tuple] = []  # profiled steps whose backward may still be running
@@ -154,12 +160,14 @@ class AdaptiveScheduler(Scheduler):
 
     # -- learning ------------------------------------------------------------------------------
 
+    def _profile_plan(self) -> list[tuple[str, str, int]]:
+        """The (algorithm, codec, degree) of each profiling step still to run."""
+        return [(a, c, d) for a in self.algorithms for c in self.codecs for d in PROFILE_DEGREES]
+
     def _harvest(self) -> None:
         """Turn the op intervals of finished profiling steps into samples."""
         for decision, rec, shape, itemsize in self._pending:
-            world, experts, capacity, model_dim = shape
-            sizes = [world * experts * (hi - lo) * model_dim * itemsize
-                     for lo, hi in chunk_bounds(capacity, decision.degree)]
+            sizes = chunk_bytes(shape, itemsize, decision.degree)
             codec, a2a = decision.codec, f"a2a:{decision.algorithm}:{decision.codec}"
             region_s = 0.0
             for e in rec.events or []:
@@ -229,15 +237,13 @@ class AdaptiveScheduler(Scheduler):
 
     def _rank_candidates(self, x_WECM: torch.Tensor, ctx: StepContext) -> list[Decision]:
         """Every candidate as a trial decision, best predicted first (same order on all ranks)."""
-        world, experts, capacity, model_dim = x_WECM.shape
         models = self._models()
         candidates = [(a, c, r) for a in self.algorithms for c in self.codecs
                       for r in self.degrees]
         outside = 1e-3 * median(self._outside_ms) if self._outside_ms else 0.0
         predicted = []
         for a, c, r in candidates:
-            sizes = [world * experts * (hi - lo) * model_dim * x_WECM.element_size()
-                     for lo, hi in chunk_bounds(capacity, r)]
+            sizes = chunk_bytes(x_WECM.shape, x_WECM.element_size(), r)
             forward, step = self._predict(models, sizes, a, c)
             predicted.append((forward, step + outside))
         # The step is as slow as the slowest rank; maxing makes every rank rank alike.
@@ -264,8 +270,7 @@ class AdaptiveScheduler(Scheduler):
         drifted = abs(recent / decision.measured_ms[0] - 1) > self.drift
         if drifted and self._drifting:
             self._samples.clear()
-            self._plan = [(a, c, d) for a in self.algorithms for c in self.codecs
-                          for d in PROFILE_DEGREES]
+            self._plan = self._profile_plan()
             self.decisions.append(Decision(self._step, "drift", decision.algorithm,
                                            decision.codec, decision.degree))
         self._drifting = drifted
