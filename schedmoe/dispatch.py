@@ -11,8 +11,10 @@ beyond the capacity limit are dropped: they contribute nothing to the output and
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -27,8 +29,11 @@ def capacity_limit(capacity_factor: float, top_k: int, num_tokens: int, num_expe
     > 0: fixed, ceil(cf * k * T / E); pad and drop.
     0: dropless, as many as the busiest expert needs.
     < 0: dropless, but at most ceil(|cf| * k * T / E).
+    Never more than T: a router picks k distinct experts per token, so no expert receives more
+    than T pairs and slots beyond T would only be padding (a huge factor cannot allocate more).
     """
-    fixed = math.ceil(abs(capacity_factor) * top_k * num_tokens / num_experts)
+    slots = abs(capacity_factor) * top_k * num_tokens / num_experts
+    fixed = num_tokens if slots >= num_tokens else math.ceil(slots)
     if capacity_factor > 0:
         return fixed
     if capacity_factor == 0:
@@ -109,6 +114,13 @@ def decode(y_ECM: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Te
     y_NM = y_ECM.reshape(-1, model_dim).index_select(0, plan.slot_N)
     y_NM = y_NM * plan.weight_N.unsqueeze(1).to(y_NM.dtype)
     return y_NM.new_zeros(num_tokens, model_dim).index_add(0, plan.token_N, y_NM)
+
+
+def layout_hash(expert_TK: torch.Tensor, slot_TK: torch.Tensor, limit: int) -> int:
+    """A hash of which slot each (token, choice) takes: equal layouts put the same token in the
+    same slot. Copies the routing to the host (a sync on GPUs); only error feedback needs it."""
+    raw = torch.stack([expert_TK, slot_TK]).to("cpu", torch.int64).numpy()
+    return zlib.crc32(np.ascontiguousarray(raw).tobytes(), limit & 0xFFFFFFFF) & 0x7FFFFFFF
 
 
 def check_drop_policy(policy: str) -> None:

@@ -33,5 +33,10 @@ class PeerError(SchedMoEError):
     """A collective failed because a peer rank died, timed out, or never called in."""
 
 
+class StepError(SchedMoEError, RuntimeError):
+    """A rank failed in its own part of a layer call (routing, say) before the exchange; every
+    rank of the group raises it, naming the rank and its original error."""
+
+
 class RankError(SchedMoEError):
     """One or more ranks spawned by schedmoe.launch failed; the message holds their tracebacks."""

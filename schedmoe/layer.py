@@ -3,17 +3,16 @@
 Legend: T tokens on this rank, M model dim, E experts (global), W ranks in the EP group,
 C capacity (slots per expert), K top-k.
 
-One call: route -> encode -> [scheduler: compress -> A2A -> decompress -> experts ->
-compress -> A2A -> decompress] -> decode. Before the exchange, the ranks swap one small vector
-(config fingerprint, input problems, capacity) so that a bad input or a mismatched config on any
-rank raises on every rank instead of leaving the others waiting in a collective.
+One call: route -> agree -> encode -> [scheduler: compress -> A2A -> decompress -> experts ->
+compress -> A2A -> decompress] -> decode. Before the exchange, the ranks swap one small record
+(`agreement.py`: options, input dtype/device/autograd state, problems, capacity limit) so that a
+bad input, a local failure or a mismatched config on any rank raises on every rank instead of
+leaving the others waiting in a collective.
 """
 
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,15 +20,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import EPGroup, all_gather_ints
-from .dispatch import capacity_limit, check_drop_policy, decode, encode, locate, make_plan
-from .errors import ConfigError, ConfigMismatchError, InputError
+from .agreement import (BAD_DEVICE, BAD_DTYPE, BAD_SHAPE, EMPTY, FAILED, NON_FINITE,
+                        NOT_TENSOR, OK, Agreement, LocalStep, canonical)
+from .distributed import EPGroup
+from .dispatch import (capacity_limit, check_drop_policy, decode, encode, layout_hash, locate,
+                       make_plan)
+from .errors import ConfigError
 from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
 from .ops.experts import mark_expert_parameters
 from .registry import registry
 from .schedulers.base import Scheduler, StepContext
 from .recorder import StepRecorder
+from .topology import default_local_size
 
 
 @dataclass
@@ -55,6 +58,7 @@ class MoEConfig:
     check_finite: bool = False  # scan the input for NaN/Inf every call (costs a reduction)
     allow_empty: bool = True  # False: a rank with no tokens is an error instead of a no-op
     trace: bool = False  # record every op's interval in last_stats.events
+    verify: bool = False  # a checksum on every payload slice, checked on arrival
 
     def validate(self, world_size: int) -> None:
         for name in ("model_dim", "num_experts", "hidden_dim", "top_k"):
@@ -72,29 +76,19 @@ class MoEConfig:
             raise ConfigError(f"capacity_factor must be finite, got {self.capacity_factor}")
         check_drop_policy(self.drop_policy)
 
-    def fingerprint(self) -> dict[str, int]:
-        """Integers that must agree across ranks (names are hashed, floats bit-cast)."""
-        names = [_spec_name(getattr(self, f)) for f in
-                 ("expert", "activation", "a2a", "scheduler", "gate", "drop_policy")]
-        names.append(CodecSet.build(self.compressor).describe())
-        return {
-            "model_dim": self.model_dim,
-            "num_experts": self.num_experts,
-            "hidden_dim": self.hidden_dim,
-            "top_k": self.top_k,
-            "local_size": self.local_size or 0,
-            "capacity_factor": struct.unpack("<q", struct.pack("<d", self.capacity_factor))[0],
-            "plugin names (expert/activation/a2a/scheduler/gate/drop_policy/compressor)":
-                zlib.crc32("|".join(names).encode()),
-        }
-
-
-def _spec_name(spec: object) -> str:
-    if spec is None or isinstance(spec, str):
-        return str(spec)
-    if hasattr(spec, "describe") and not isinstance(spec, type):
-        return spec.describe()
-    return f"{getattr(spec, '__module__', '')}.{getattr(spec, '__qualname__', repr(spec))}"
+    def canonical(self, local_size: int, codecs: CodecSet, scheduler: Scheduler) -> dict[str, str]:
+        """Every option as a string that is equal on two ranks iff it means the same there
+        (names and classes alike, defaults resolved); what the ranks agree on."""
+        options = {name: canonical(getattr(self, name)) for name in (
+            "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
+            "normalize_weights", "check_finite", "allow_empty", "verify")}
+        options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
+                        for name in ("capacity_factor", "gate_noise", "z_loss_weight")})
+        options.update(expert=canonical(self.expert, "expert"), gate=canonical(self.gate, "gate"),
+                       activation=canonical(self.activation), a2a=canonical(self.a2a, "a2a"),
+                       local_size=repr(local_size), compressor=codecs.describe(),
+                       scheduler=scheduler.describe())
+        return options
 
 
 @dataclass
@@ -128,13 +122,6 @@ class LayerStats:
         return {name: (raw, wire) for name, (raw, wire) in self.timer.bytes.items()}
 
 
-# Error codes carried in the per-step metadata, so every rank can report another's problem.
-_OK, _BAD_SHAPE, _BAD_DTYPE, _NON_FINITE, _EMPTY, _NOT_TENSOR = 0, 1, 2, 3, 4, 5
-_PROBLEMS = {_NOT_TENSOR: "a {} instead of a torch.Tensor", _BAD_SHAPE: "last dimension {} instead of model_dim",
-             _BAD_DTYPE: "a non-floating dtype", _NON_FINITE: "NaN or Inf values",
-             _EMPTY: "no tokens"}
-
-
 class MoELayer(nn.Module):
     """Mixture-of-experts layer with expert parallelism over `group`.
 
@@ -142,6 +129,11 @@ class MoELayer(nn.Module):
     `layer.aux_loss` and `y.l_aux` (GShard balance loss + z_loss_weight * z-loss).
     Each rank owns experts `[rank * E/W, (rank + 1) * E/W)`; their parameters carry
     `param.expert = True` and `param.allreduce = False` for data-parallel wrappers.
+
+    Seed rule: the gate is drawn from the global RNG (identical on every rank seeded alike, as
+    data parallelism needs); the experts are drawn from a generator seeded with one draw of the
+    global RNG plus the index of the rank's first expert, so each rank's experts differ while
+    the global RNG advances by the same amount on every rank (Tutel's per-rank expert seed).
     """
 
     def __init__(self, model_dim: int, num_experts: int, hidden_dim: int, top_k: int = 2,
@@ -159,117 +151,120 @@ class MoELayer(nn.Module):
         self.gate = registry("gate").resolve(cfg.gate)(
             model_dim, num_experts, top_k, normalize_weights=cfg.normalize_weights,
             noise_std=cfg.gate_noise)
-        expert_args = {} if cfg.activation is None else {"activation": cfg.activation}
-        self.experts = registry("expert").resolve(cfg.expert)(
-            self.num_local_experts, model_dim, hidden_dim, **expert_args)
+        expert_seed = int(torch.randint(0, 2 ** 62, ())) + self.expert_offset
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(expert_seed)
+            expert_args = {} if cfg.activation is None else {"activation": cfg.activation}
+            self.experts = registry("expert").resolve(cfg.expert)(
+                self.num_local_experts, model_dim, hidden_dim, **expert_args)
         mark_expert_parameters(self.experts)
-        self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, cfg.local_size)
-        self.codecs = CodecSet.build(cfg.compressor)
+        local_size = default_local_size(self.group) if cfg.local_size is None else cfg.local_size
+        self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, local_size)
+        self.codecs = CodecSet.build(cfg.compressor, verify=cfg.verify)
         self.scheduler = (cfg.scheduler if isinstance(cfg.scheduler, Scheduler)
                           else registry("scheduler").resolve(cfg.scheduler)())
+        self._agreement = Agreement(self.group, cfg.canonical(local_size, self.codecs,
+                                                              self.scheduler))
 
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: LayerStats | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        # Inside a backward pass, a forward is an activation checkpoint's recompute: it must
+        # repeat the decisions of the forward it recomputes, and leaves the stats alone.
+        recompute = torch._C._current_graph_task_id() != -1
         device = next(self.parameters()).device
         timer = StepRecorder(device, trace=cfg.trace)
-        problem, detail = self._check_input(x)
-        num_tokens, limit = 0, 0
-        if problem == _OK:
-            x_TM = x.reshape(-1, cfg.model_dim)
-            num_tokens = x_TM.shape[0]
-            with timer("route"):
-                routing = self.gate(x_TM)
-                priority_T = (routing.weight_TK[:, 0].detach()
-                              if cfg.drop_policy == "probability" else None)
-                slot_TK, counts_E = locate(routing.expert_TK, cfg.num_experts, priority_T)
-                needed = int(counts_E.max()) if num_tokens else 0
-                limit = capacity_limit(cfg.capacity_factor, cfg.top_k, num_tokens,
-                                       cfg.num_experts, needed)
-        fingerprint = cfg.fingerprint()
-        meta_WF = all_gather_ints([*fingerprint.values(), problem, detail, limit], self.group,
-                                  device, "the per-step metadata exchange of MoELayer")
-        self._raise_on_problems(meta_WF, fingerprint, problem, detail)
-        capacity = int(meta_WF[:, -1].max())
+        local, routed = self._route(x, timer)
+        with timer("agree"):
+            agreed = self._agreement.agree(local, device)
+        routing, slot_TK, counts_E = routed
+        x_TM = x.reshape(-1, cfg.model_dim)
+        num_tokens, capacity = x_TM.shape[0], agreed.capacity
+        if self.codecs.uses_feedback:
+            self.codecs.observe_layout((capacity, agreed.layouts))
 
         with timer("encode"):
-            plan = make_plan(routing.expert_TK, routing.weight_TK, slot_TK, counts_E, limit,
-                             capacity)
+            plan = make_plan(routing.expert_TK, routing.weight_TK, slot_TK, counts_E,
+                             local.limit, capacity)
             x_ECM = encode(x_TM, plan)
-        ctx = StepContext(self.experts, self.a2a, self.codecs, timer)
+        if local.graph and agreed.input_grad and not x_ECM.requires_grad:
+            # Another rank's input needs a gradient, so its dispatch is differentiated and the
+            # backward exchange runs there: take part in it (the gradient here goes nowhere).
+            x_ECM = x_ECM.detach().requires_grad_()
+        ctx = StepContext(self.experts, self.a2a, self.codecs, timer, recompute=recompute)
         x_WECM = x_ECM.view(self.group.size, self.num_local_experts, capacity, cfg.model_dim)
         y_WECM = self.scheduler.run(x_WECM, ctx)
         with timer("decode"):
             y_TM = decode(y_WECM.view(cfg.num_experts, capacity, cfg.model_dim), plan, num_tokens)
 
         aux = routing.balance_loss + cfg.z_loss_weight * routing.z_loss
-        self.aux_loss = aux
-        self.last_stats = LayerStats(num_tokens, capacity, limit, counts_E.tolist(),
-                                     plan.dropped_E.tolist(), plan.kept, plan.dropped, plan.kept_TK,
-                                     ctx.notes, timer)
+        if not recompute:
+            self.aux_loss = aux
+            self.last_stats = LayerStats(num_tokens, capacity, local.limit, counts_E.tolist(),
+                                         plan.dropped_E.tolist(), plan.kept, plan.dropped,
+                                         plan.kept_TK, ctx.notes, timer)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
         return y
 
-    def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
-        """(problem code, detail) for this rank's input; raising is left to after the sync."""
+    def _route(self, x: torch.Tensor, timer: StepRecorder) -> tuple[LocalStep, tuple]:
+        """This rank's checks, routing and capacity limit. Nothing raises here: a problem or a
+        failure is recorded for the agreement, which raises it on every rank."""
+        cfg = self.config
+        local = self._check_input(x)
+        if local.problem != OK:
+            return local, (None, None, None)
+        try:
+            with timer("route"):
+                x_TM = x.reshape(-1, cfg.model_dim)
+                with torch.autocast(x.device.type, enabled=False):  # routing in fp32, always
+                    routing = self.gate(x_TM)
+                priority_T = (routing.weight_TK[:, 0].detach()
+                              if cfg.drop_policy == "probability" else None)
+                slot_TK, counts_E = locate(routing.expert_TK, cfg.num_experts, priority_T)
+                num_tokens = x_TM.shape[0]
+                # Host sync only in dropless mode, whose capacity depends on the routing.
+                needed = int(counts_E.max()) if num_tokens and cfg.capacity_factor <= 0 else 0
+                local.limit = capacity_limit(cfg.capacity_factor, cfg.top_k, num_tokens,
+                                             cfg.num_experts, needed)
+                if self.codecs.uses_feedback:
+                    local.layout = layout_hash(routing.expert_TK, slot_TK, local.limit)
+        except Exception as exc:  # reported to every rank by the agreement, raised there
+            local.problem, local.error = FAILED, exc
+            return local, (None, None, None)
+        return local, (routing, slot_TK, counts_E)
+
+    def _check_input(self, x: torch.Tensor) -> LocalStep:
+        """This rank's input problems and its autograd state."""
+        cfg = self.config
         if not isinstance(x, torch.Tensor):
-            return _NOT_TENSOR, 0
-        if x.dim() == 0 or x.shape[-1] != self.config.model_dim:
-            return _BAD_SHAPE, (x.shape[-1] if x.dim() else -1)
-        if not x.is_floating_point():
-            return _BAD_DTYPE, 0
-        if self.config.check_finite and not bool(torch.isfinite(x).all()):
-            return _NON_FINITE, 0
-        if x.numel() == 0 and not self.config.allow_empty:
-            return _EMPTY, 0
-        return _OK, 0
-
-    def _raise_on_problems(self, meta_WF: torch.Tensor, fingerprint: dict[str, int],
-                           problem: int, detail: int) -> None:
-        for column, name in enumerate(fingerprint):
-            values = meta_WF[:, column].tolist()
-            if len(set(values)) > 1:
-                shown = values if "names" not in name else "differ by rank"
-                raise ConfigMismatchError(
-                    f"{name} differs across the ranks of the EP group ({shown}; this is "
-                    f"{self.group.describe()}). Build MoELayer with the same arguments on every rank."
-                )
-        if problem != _OK:
-            raise InputError(self._describe_problem(problem, detail, "this rank's input has")
-                             + self._input_hint(problem))
-        codes = meta_WF[:, len(fingerprint)].tolist()
-        bad = [r for r, code in enumerate(codes) if code != _OK]
-        if bad:
-            r = bad[0]
-            what = self._describe_problem(codes[r], int(meta_WF[r, len(fingerprint) + 1]),
-                                          f"rank {r}'s input has")
-            raise InputError(f"{what}; every rank of the EP group stops (ranks with bad input: "
-                             f"{bad}). Fix the input on those ranks.")
-
-    def _describe_problem(self, code: int, detail: int, prefix: str) -> str:
-        text = _PROBLEMS[code].format("non-tensor" if code == _NOT_TENSOR else detail)
-        if code == _BAD_SHAPE:
-            text += f" ({self.config.model_dim})"
-        return f"{prefix} {text}"
-
-    def _input_hint(self, code: int) -> str:
-        return {
-            _NOT_TENSOR: ": call the layer with a tensor shaped [..., model_dim]",
-            _BAD_SHAPE: f": pass a tensor shaped [..., {self.config.model_dim}]",
-            _BAD_DTYPE: ": pass float32, float16 or bfloat16 activations",
-            _NON_FINITE: ": the input holds NaN/Inf (check_finite=True found it)",
-            _EMPTY: ": pass at least one token, or build the layer with allow_empty=True",
-        }[code]
+            return LocalStep(NOT_TENSOR, note=type(x).__name__)
+        local = LocalStep(dtype=str(x.dtype).removeprefix("torch."), device_type=x.device.type)
+        local.graph = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.experts.parameters()))
+        local.input_grad = local.graph and x.requires_grad
+        layer_device = next(self.parameters()).device.type
+        if x.device.type != layer_device or x.device.type == "meta":
+            local.problem, local.note = BAD_DEVICE, repr(x.device.type)
+        elif x.dim() == 0 or x.shape[-1] != cfg.model_dim:
+            local.problem = BAD_SHAPE
+            local.note = f"{x.shape[-1] if x.dim() else 'none'} instead of model_dim ({cfg.model_dim})"
+        elif not x.is_floating_point():
+            local.problem = BAD_DTYPE
+        elif cfg.check_finite and not bool(torch.isfinite(x).all()):
+            local.problem = NON_FINITE
+        elif x.numel() == 0 and not cfg.allow_empty:
+            local.problem = EMPTY
+        return local
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"model_dim={c.model_dim}, num_experts={c.num_experts} "
                 f"({self.num_local_experts} local), hidden_dim={c.hidden_dim}, top_k={c.top_k}, "
-                f"capacity_factor={c.capacity_factor}, a2a={_spec_name(c.a2a)}, "
-                f"compressor={self.codecs.describe()}, scheduler={_spec_name(c.scheduler)}")
+                f"capacity_factor={c.capacity_factor}, a2a={canonical(c.a2a, 'a2a')}, "
+                f"compressor={self.codecs.describe()}, scheduler={self.scheduler.describe()}")
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -97,6 +97,13 @@ class Registry(Generic[T]):
             f"got {spec!r}"
         )
 
+    def name_of(self, cls: type) -> str | None:
+        """The name `cls` is registered under, if any (entry points not yet loaded excluded)."""
+        for name, registered in self._classes.items():
+            if registered is cls:
+                return name
+        return None
+
     def names(self) -> list[str]:
         """Every name that `get` would accept, loaded or not."""
         return sorted(set(self._classes) | set(self._plugin_entry_points()))

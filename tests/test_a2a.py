@@ -122,7 +122,7 @@ def release_destroys(rank: int, world: int) -> bool:
     registered = dist.distributed_c10d._world.pg_map  # torch's live groups
     assert not any(sub.pg in registered
                    for sub in (subgroups.intra, subgroups.inter, subgroups.spare))
-    return not topology_module._CACHE
+    return not topology_module._SUBGROUPS
 
 
 def test_release_destroys_the_cached_subgroups():

@@ -4,6 +4,15 @@ The four exchanges: `dispatch` (tokens to experts), `combine` (expert outputs ba
 gradients of each in backward (`dispatch_grad`, `combine_grad`). A lossy round trip has a
 straight-through gradient: the incoming gradient is exchanged (and itself compressed with the
 `*_grad` codec) as if the round trip were exact.
+
+Error feedback (`"int8+ef"`) keeps one residual per payload stream, that is per exchange and per
+chunk (`CodecSet.stream`), and adds it only to the next payload of the same stream with the same
+shape. Token payloads are laid out by the routing, so a residual means something only if the
+next call puts the same tokens in the same slots: the layer hashes every rank's layout into its
+per-call agreement and `observe_layout` drops every residual when any rank's layout changed.
+Where it cannot help: in training the routing (and so the layout) changes every step, so the
+residuals are dropped every step and error feedback sends exactly what the codec alone would.
+It pays off only when layouts repeat (fixed routing, the same batch again).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..registry import registry
+from .checksum import Checksummed
 from .compressor import Compressor, SliceSpec, Wire
 
 EXCHANGES = ("dispatch", "combine", "dispatch_grad", "combine_grad")
@@ -22,9 +32,9 @@ CodecSpec = Union[str, type, Compressor]
 
 
 class ErrorFeedback(Compressor):
-    """Wraps a lossy codec: adds the previous call's compression error to the payload before
-    compressing (EF-SGD). Meant for gradient exchanges, whose payloads line up step to step;
-    the residual is dropped when the payload's shape changes. Name suffix: `"int8+ef"`."""
+    """Wraps a lossy codec: adds the previous payload's compression error to this one before
+    compressing (EF-SGD). One instance per payload stream (see the module docstring); the
+    residual is dropped when the payload's shape changes or by `reset`. Suffix `"int8+ef"`."""
 
     lossless = False
 
@@ -51,6 +61,9 @@ class ErrorFeedback(Compressor):
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         return self.inner.decompress(wire, spec)
 
+    def reset(self) -> None:
+        self.residual = None
+
 
 def make_codec(spec: CodecSpec) -> Compressor:
     """A fresh codec from a registry name (`"int8"`, `"int8+ef"`), a class or an instance."""
@@ -63,17 +76,24 @@ def make_codec(spec: CodecSpec) -> Compressor:
 
 @dataclass
 class CodecSet:
+    """The codec of each exchange; `stream(exchange, chunk)` is what a scheduler uses."""
+
     dispatch: Compressor
     combine: Compressor
     dispatch_grad: Compressor
     combine_grad: Compressor
+    verify: bool = False  # wrap every codec in a per-slice checksum
+
+    def __post_init__(self) -> None:
+        self._streams: dict[tuple[str, int | None], Compressor] = {}
+        self._layout: object = None
 
     @classmethod
-    def build(cls, spec: CodecSpec | Mapping[str, CodecSpec]) -> "CodecSet":
+    def build(cls, spec: CodecSpec | Mapping[str, CodecSpec], verify: bool = False) -> "CodecSet":
         """One codec for all four exchanges, or a mapping; missing `*_grad` entries default to
         the forward codec of the same exchange, and missing forward entries to `none`."""
         if not isinstance(spec, Mapping):
-            return cls(*(make_codec(spec) for _ in EXCHANGES))
+            return cls(*(make_codec(spec) for _ in EXCHANGES), verify=verify)
         unknown = set(spec) - set(EXCHANGES)
         if unknown:
             raise ConfigError(f"unknown compressor keys {sorted(unknown)}; use {EXCHANGES}")
@@ -81,7 +101,32 @@ class CodecSet:
         combine = spec.get("combine", "none")
         return cls(make_codec(dispatch), make_codec(combine),
                    make_codec(spec.get("dispatch_grad", dispatch)),
-                   make_codec(spec.get("combine_grad", combine)))
+                   make_codec(spec.get("combine_grad", combine)), verify=verify)
+
+    def stream(self, exchange: str, chunk: int | None = None) -> Compressor:
+        """The codec for chunk `chunk` of `exchange`: error feedback gets its own residual per
+        (exchange, chunk); with `verify`, a checksum wraps it."""
+        key = (exchange, chunk)
+        if key not in self._streams:
+            codec = getattr(self, exchange)
+            if isinstance(codec, ErrorFeedback):
+                codec = ErrorFeedback(codec.inner)
+            self._streams[key] = Checksummed(codec) if self.verify else codec
+        return self._streams[key]
+
+    @property
+    def uses_feedback(self) -> bool:
+        return any(isinstance(getattr(self, name), ErrorFeedback) for name in EXCHANGES)
+
+    def observe_layout(self, layout: object) -> None:
+        """Drop every error-feedback residual when the token layout differs from the last."""
+        if layout != self._layout:
+            for codec in self._streams.values():
+                codec = getattr(codec, "inner", None) if isinstance(codec, Checksummed) else codec
+                if isinstance(codec, ErrorFeedback):
+                    codec.reset()
+        self._layout = layout
 
     def describe(self) -> str:
-        return ",".join(f"{name}={getattr(self, name).describe()}" for name in EXCHANGES)
+        names = ",".join(f"{name}={getattr(self, name).describe()}" for name in EXCHANGES)
+        return names + (",verify" if self.verify else "")

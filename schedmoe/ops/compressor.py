@@ -110,6 +110,19 @@ def check_header(raw: bytes, codec_id: int, spec: SliceSpec, available: int, whe
     return body
 
 
+def check_sizes(wire: Wire, name: str, size: int | None = None) -> None:
+    """Raise CorruptPayloadError unless the slice sizes are non-negative ints that add up to the
+    buffer (and all equal `size`, for codecs whose slices have one known size)."""
+    sizes = wire.sizes
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in sizes) or \
+            sum(sizes) != wire.data.numel() or (size is not None and any(s != size for s in sizes)):
+        want = f"{len(sizes)} slices of {size} bytes" if size is not None else \
+            "non-negative slice sizes adding up to the buffer"
+        raise CorruptPayloadError(
+            f"{name}: expected {want}, got sizes {list(sizes)[:8]} over {wire.data.numel()} "
+            "bytes (truncated, oversized or corrupt payload)")
+
+
 class Compressor(ABC):
     """Encodes a `[P, ...]` payload for the wire and decodes what arrives."""
 
@@ -145,11 +158,8 @@ class NoCompression(Compressor):
         return Wire(data, [data.numel() // P if P else 0] * P)
 
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
-        P = len(wire.sizes)
-        if wire.data.numel() != P * spec.nbytes:
-            raise CorruptPayloadError(f"uncompressed payload of {wire.data.numel()} bytes, "
-                                      f"expected {P} slices of {spec.nbytes}")
-        return reinterpret(wire.data, spec.dtype, P, *spec.shape)
+        check_sizes(wire, "uncompressed payload", spec.nbytes)
+        return reinterpret(wire.data, spec.dtype, len(wire.sizes), *spec.shape)
 
 
 class FixedSizeCodec(Compressor):
@@ -187,10 +197,7 @@ class FixedSizeCodec(Compressor):
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         P = len(wire.sizes)
         size = HEADER_BYTES + pad_to_align(self.body_bytes(spec))
-        if wire.data.numel() != sum(wire.sizes) or any(s != size for s in wire.sizes):
-            raise CorruptPayloadError(
-                f"{type(self).__name__}: expected {P} slices of {size} bytes, got sizes "
-                f"{wire.sizes[:8]} over {wire.data.numel()} bytes (truncated or oversized)")
+        check_sizes(wire, type(self).__name__, size)
         wire_PB = wire.data.view(P, size)
         head = header_bytes(self.codec_id, spec, size - HEADER_BYTES)
         expected = as_uint8(head, wire_PB.device)

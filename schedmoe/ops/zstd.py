@@ -2,9 +2,11 @@
 
 The shuffle writes byte j of every value into plane j (all high bytes together, all low bytes
 together), which exposes the redundancy of exponents and sparse activations to zstd. Each slice
-is one zstd frame with its content size and checksum; decompression is capped at the size the
-receiver expects, so a corrupt or hostile frame raises CorruptPayloadError instead of
-allocating without bound. Runs on the CPU (CUDA payloads are copied to host and back).
+is one zstd frame with its content size and checksum. Before anything is decompressed, the
+frame header's declared content size must be the size the receiver expects (or absent), and
+decompression streams into a buffer of that size and stops one byte past it, so a corrupt or
+hostile frame (a "zstd bomb", with or without a declared size) raises CorruptPayloadError
+without allocating more than the expected slice. Runs on the CPU (CUDA payloads are copied to host and back).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import zstandard
 from ..errors import ConfigError
 from ..registry import register_compressor
 from .compressor import (HEADER_BYTES, Compressor, CorruptPayloadError, SliceSpec, Wire,
-                         as_uint8, check_header, header_bytes)
+                         as_uint8, check_header, check_sizes, header_bytes)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -79,9 +81,7 @@ class ZstdCodec(Compressor):
 
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         P = len(wire.sizes)
-        if wire.data.numel() != sum(wire.sizes) or any(s < 0 for s in wire.sizes):
-            raise CorruptPayloadError(f"zstd payload of {wire.data.numel()} bytes does not match "
-                                      f"its slice sizes {wire.sizes[:8]}")
+        check_sizes(wire, "zstd payload")
         raw = wire.data.cpu().numpy().tobytes()
         itemsize = torch.empty((), dtype=spec.dtype).element_size()
         out = np.empty((P, spec.nbytes), dtype=np.uint8)
@@ -91,12 +91,8 @@ class ZstdCodec(Compressor):
             start += size
             where = f"zstd slice {p} (from rank {p})"
             body = check_header(piece, self.codec_id, spec, size, where)
-            try:
-                values = self._dctx.decompress(piece[HEADER_BYTES:HEADER_BYTES + body],
-                                               max_output_size=spec.nbytes)
-            except zstandard.ZstdError as exc:
-                raise CorruptPayloadError(f"{where}: not a valid zstd frame for {spec.nbytes} "
-                                          f"bytes ({exc})") from exc
+            values = self._bounded_decompress(piece[HEADER_BYTES:HEADER_BYTES + body],
+                                              spec.nbytes, where)
             if len(values) != spec.nbytes:
                 raise CorruptPayloadError(f"{where}: decodes to {len(values)} bytes, expected "
                                           f"{spec.nbytes}")
@@ -104,3 +100,16 @@ class ZstdCodec(Compressor):
             out[p] = byte_unshuffle(values, itemsize) if self.shuffle else values
         x = torch.from_numpy(out.reshape(-1)).view(spec.dtype).view(P, *spec.shape)
         return x.to(wire.data.device)
+
+    def _bounded_decompress(self, frame: bytes, expected: int, where: str) -> bytes:
+        """At most `expected` + 1 bytes of the frame's content, whatever its header claims."""
+        try:
+            declared = zstandard.get_frame_parameters(frame).content_size
+            if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != expected:
+                raise CorruptPayloadError(f"{where}: the zstd frame declares {declared} bytes, "
+                                          f"expected {expected}")
+            with self._dctx.stream_reader(frame, read_across_frames=False) as reader:
+                return reader.read(expected + 1) if expected else reader.read(1)
+        except zstandard.ZstdError as exc:
+            raise CorruptPayloadError(f"{where}: not a valid zstd frame for {expected} bytes "
+                                      f"({exc})") from exc

@@ -20,11 +20,16 @@ Legend: W ranks, E local experts, C capacity, M model dim; n = payload bytes of 
    The fastest trial (median after its first, warm-up step) wins.
 4. Running uses the pipelined schedule with that choice (the sequential one for r = 1). Every
    `check_every` steps the step time is compared with the winner's trial time; beyond `drift`
-   (relative) on two checks in a row the models are thrown away and profiling starts again. A
-   new capacity bucket (C // 128, Tutel's key) re-tunes from the existing models.
+   (relative) on two checks in a row the models are thrown away and profiling starts again.
+5. Capacity buckets (C // 128, Tutel's key) remember their winners: a bucket seen before gets
+   its winner back without trials, a new one re-tunes from the existing models. A capacity
+   within a quarter bucket of the current bucket's edges stays in it (hysteresis), so a
+   dropless capacity wandering around an edge does not flip buckets.
 
-Every decision (step, reason, candidate, predicted, measured) is kept in `decisions` and the
-current one is reported in `layer.last_stats.schedule`.
+The codecs tried are the layer's own compressor unless `codecs=` names others. An activation
+checkpoint's recompute repeats the schedule of the forward it recomputes and changes nothing.
+The latest `MAX_DECISIONS` decisions (step, reason, candidate, predicted, measured) are kept in
+`decisions`; the current one is reported in `layer.last_stats.schedule`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from statistics import median
 
@@ -49,6 +55,8 @@ from .sequential import SequentialScheduler
 
 PROFILE_DEGREES = (1, 4)
 KEEP_MEASURED = 32  # step times kept per decision: its first and the latest
+MAX_DECISIONS = 256  # decisions kept in `decisions`
+HYSTERESIS = 0.25  # of a bucket: how far past its edges a capacity still counts as in it
 
 
 def chunk_bytes(shape_WECM: tuple[int, ...], itemsize: int, degree: int) -> list[float]:
@@ -61,7 +69,7 @@ def chunk_bytes(shape_WECM: tuple[int, ...], itemsize: int, degree: int) -> list
 @dataclass
 class Decision:
     step: int
-    reason: str  # "profile", "trial", "tuned", "bucket" (re-tuned), "drift" (re-profiling)
+    reason: str  # "profile", "trial", "tuned", "bucket" (re-tuned or remembered), "drift"
     algorithm: str
     codec: str
     degree: int
@@ -74,56 +82,66 @@ class Decision:
 @register_scheduler("adaptive")
 class AdaptiveScheduler(Scheduler):
     def __init__(self, degrees=tuple(range(1, 17)), algorithms=("nccl", "2dh", "pipe"),
-                 codecs=("none",), allow_lossy: bool = False, shortlist: int = 5,
+                 codecs=None, allow_lossy: bool = False, shortlist: int = 5,
                  trial_steps: int = 4, check_every: int = 5, drift: float = 0.5) -> None:
-        for name in codecs:
+        """`codecs`: codec names to choose from; None uses the layer's compressor (chosen by
+        the user, so lossy or not). Lossy names in `codecs` need `allow_lossy=True`."""
+        for name in codecs or ():
             if not make_codec(name).lossless and not allow_lossy:
                 raise ConfigError(f"codec {name!r} is lossy: pass allow_lossy=True to let the "
                                   "adaptive scheduler choose it")
         for name in algorithms:
             registry("a2a").get(name)
-        self.degrees, self.algorithms, self.codecs = tuple(degrees), tuple(algorithms), \
-            tuple(codecs)
+        self.degrees, self.algorithms = tuple(degrees), tuple(algorithms)
+        self.codecs = None if codecs is None else tuple(codecs)
         self.shortlist, self.trial_steps = shortlist, trial_steps
         self.check_every, self.drift = check_every, drift
-        self.decisions: list[Decision] = []
+        self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS)
         self._trials: list[Decision] = []  # shortlisted candidates still to run
         self._tried: list[Decision] = []  # shortlisted candidates already run
         self._last_call: float | None = None
         self._last_decision: Decision | None = None
         self._drifting = False
-        self._plan = self._profile_plan()
+        self._plan: list[tuple[str, str, int]] | None = None  # built at the first call
         self._samples: dict[str, list[tuple[float, float]]] = {}
         self._outside_ms: list[float] = []  # step time outside the region, profiled steps
         self._pending: list[tuple] = []  # profiled steps whose backward may still be running
         self._a2a: dict = {}
         self._codecs: dict[str, CodecSet] = {}
         self._bucket: int | None = None
+        self._running: Decision | None = None  # the tuned decision in force
+        self._winners: dict[int, Decision] = {}  # capacity bucket -> its tuned decision
+        self._replays: OrderedDict = OrderedDict()  # x shape -> what ran, for recomputes
         self._step = 0
 
     def describe(self) -> str:
+        codecs = "the layer's" if self.codecs is None else self.codecs
         return (f"adaptive(degrees={self.degrees}, algorithms={self.algorithms}, "
-                f"codecs={self.codecs}, shortlist={self.shortlist}, trials={self.trial_steps}, "
+                f"codecs={codecs}, shortlist={self.shortlist}, trials={self.trial_steps}, "
                 f"check_every={self.check_every}, drift={self.drift})")
 
     def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if ctx.recompute:
+            return self._replay(x_WECM, ctx)
         self._step += 1
         self._time_last_step()
         self._harvest()
+        if self._plan is None:
+            self._plan = self._profile_plan(ctx)
         if self._plan:
             if ctx.rec.events is None:
                 ctx.rec.events = []  # a profiled step's op intervals are its measurements
             algorithm, codec, degree = self._plan.pop(0)
             decision = Decision(self._step, "profile", algorithm, codec, degree)
             self.decisions.append(decision)
-            y = self._profile(x_WECM, self._context(ctx, algorithm, codec), degree)
             self._pending.append((decision, ctx.rec, x_WECM.shape, x_WECM.element_size()))
         else:
             decision = self._choose(x_WECM, ctx)
-            # r = 1 overlaps nothing: the sequential schedule, with autograd's plain backward
-            schedule = SequentialScheduler() if decision.degree == 1 else \
-                PipelineScheduler(decision.degree)
-            y = schedule.run(x_WECM, self._context(ctx, decision.algorithm, decision.codec))
+        y = self._execute(x_WECM, ctx, decision)
+        self._replays[tuple(x_WECM.shape)] = decision
+        self._replays.move_to_end(tuple(x_WECM.shape))
+        while len(self._replays) > 16:
+            self._replays.popitem(last=False)
         self._last_decision = decision
         ctx.notes.update(dataclasses.asdict(decision))
         ctx.notes["decisions"] = len(self.decisions)
@@ -141,12 +159,30 @@ class AdaptiveScheduler(Scheduler):
 
     # -- running -------------------------------------------------------------------------------
 
+    def _execute(self, x_WECM: torch.Tensor, ctx: StepContext, decision: Decision) -> torch.Tensor:
+        step = self._context(ctx, decision.algorithm, decision.codec)
+        if decision.reason == "profile":
+            return self._profile(x_WECM, step, decision.degree)
+        # r = 1 overlaps nothing: the sequential schedule, with autograd's plain backward
+        schedule = SequentialScheduler() if decision.degree == 1 else \
+            PipelineScheduler(decision.degree)
+        return schedule.run(x_WECM, step)
+
+    def _replay(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """A recompute: the schedule of the latest forward of this shape, nothing learnt."""
+        decision = self._replays.get(tuple(x_WECM.shape), self._last_decision)
+        if decision is None:
+            raise ConfigError("the adaptive scheduler was asked to recompute a forward it never "
+                              "ran; run the layer's forward before its backward")
+        ctx.notes.update(dataclasses.asdict(decision), recompute=True)
+        return self._execute(x_WECM, ctx, decision)
+
     def _context(self, ctx: StepContext, algorithm: str, codec: str) -> StepContext:
         if algorithm not in self._a2a:
             self._a2a[algorithm] = registry("a2a").get(algorithm)(ctx.a2a.group,
                                                                   ctx.a2a.local_size)
         if codec not in self._codecs:
-            self._codecs[codec] = CodecSet.build(codec)
+            self._codecs[codec] = CodecSet.build(codec, verify=ctx.codecs.verify)
         return dataclasses.replace(ctx, a2a=self._a2a[algorithm], codecs=self._codecs[codec])
 
     @staticmethod
@@ -160,9 +196,17 @@ class AdaptiveScheduler(Scheduler):
 
     # -- learning ------------------------------------------------------------------------------
 
-    def _profile_plan(self) -> list[tuple[str, str, int]]:
+    def _codec_names(self, ctx: StepContext) -> tuple[str, ...]:
+        """The codecs to choose from: the user's list, else the layer's own compressor."""
+        if self.codecs is not None:
+            return self.codecs
+        self._codecs.setdefault(ctx.codecs.describe(), ctx.codecs)
+        return (ctx.codecs.describe(),)
+
+    def _profile_plan(self, ctx: StepContext) -> list[tuple[str, str, int]]:
         """The (algorithm, codec, degree) of each profiling step still to run."""
-        return [(a, c, d) for a in self.algorithms for c in self.codecs for d in PROFILE_DEGREES]
+        return [(a, c, d) for a in self.algorithms for c in self._codec_names(ctx)
+                for d in PROFILE_DEGREES]
 
     def _harvest(self) -> None:
         """Turn the op intervals of finished profiling steps into samples."""
@@ -205,18 +249,28 @@ class AdaptiveScheduler(Scheduler):
         return fwd.makespan, fwd.makespan + bwd.makespan
 
     def _choose(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
-        """The decision for this call: the current one, a trial, or a fresh tuning."""
-        bucket = x_WECM.shape[2] // 128
-        current = self.decisions[-1]
-        if current.reason in ("tuned", "bucket") and bucket == self._bucket:
-            self._check(current, ctx)  # on drift, profiling starts again with the next call
-            return current
-        if current.reason == "profile" or bucket != self._bucket:
-            reason = "tuned" if current.reason == "profile" else "bucket"
-            self._bucket = bucket
+        """The decision for this call: the one in force, a remembered winner, a trial, or the
+        winner of the trials just run."""
+        bucket = self._bucket_for(x_WECM.shape[2])
+        changed, self._bucket = bucket != self._bucket, bucket
+        fresh_models = self.decisions[-1].reason == "profile"
+        if self._running is not None and not changed and not fresh_models:
+            running = self._running
+            self._check(running, ctx)  # on drift, profiling starts again next call
+            return running
+        if changed and not fresh_models and bucket in self._winners:
+            winner = self._winners[bucket]
+            remembered = dataclasses.replace(winner, step=self._step, reason="bucket",
+                                             measured_ms=winner.measured_ms[:1])
+            self._trials = []
+            self.decisions.append(remembered)
+            self._running = self._winners[bucket] = remembered
+            return remembered
+        if changed or fresh_models:
+            self._running = None
             self._trials = [d for d in self._shortlist(self._rank_candidates(x_WECM, ctx))
                             for _ in range(self.trial_steps)]
-            self._tried, self._reason = [], reason
+            self._tried, self._reason = [], "tuned" if fresh_models else "bucket"
         if self._trials:
             trial = self._trials.pop(0)
             if not self._tried or self._tried[-1] is not trial:
@@ -233,12 +287,24 @@ class AdaptiveScheduler(Scheduler):
                             best.predicted_ms, best.predicted_forward_ms,
                             [float(medians.min())])
         self.decisions.append(decision)
+        self._running = self._winners[bucket] = decision
         return decision
+
+    def _bucket_for(self, capacity: int) -> int:
+        """Tutel's bucket C // 128, except that a capacity within HYSTERESIS of a bucket past
+        the current bucket's edges stays in the current bucket."""
+        bucket = capacity // 128
+        if self._bucket is None or bucket == self._bucket:
+            return bucket
+        margin = HYSTERESIS * 128
+        if self._bucket * 128 - margin <= capacity < (self._bucket + 1) * 128 + margin:
+            return self._bucket
+        return bucket
 
     def _rank_candidates(self, x_WECM: torch.Tensor, ctx: StepContext) -> list[Decision]:
         """Every candidate as a trial decision, best predicted first (same order on all ranks)."""
         models = self._models()
-        candidates = [(a, c, r) for a in self.algorithms for c in self.codecs
+        candidates = [(a, c, r) for a in self.algorithms for c in self._codec_names(ctx)
                       for r in self.degrees]
         outside = 1e-3 * median(self._outside_ms) if self._outside_ms else 0.0
         predicted = []
@@ -270,7 +336,7 @@ class AdaptiveScheduler(Scheduler):
         drifted = abs(recent / decision.measured_ms[0] - 1) > self.drift
         if drifted and self._drifting:
             self._samples.clear()
-            self._plan = self._profile_plan()
+            self._plan: list[tuple[str, str, int]] | None = None  # built at the first call
             self.decisions.append(Decision(self._step, "drift", decision.algorithm,
                                            decision.codec, decision.degree))
         self._drifting = drifted

@@ -31,16 +31,17 @@ class StepContext:
     codecs: CodecSet
     rec: StepRecorder
     notes: dict = field(default_factory=dict)  # what the scheduler decided, for last_stats
+    recompute: bool = False  # an activation checkpoint's recompute: repeat the last decision
 
     def dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Tokens to the ranks owning their experts."""
-        return exchange(x_WECM, self.a2a, self.codecs.dispatch, self.codecs.dispatch_grad,
-                        self.rec, "dispatch", chunk)
+        return exchange(x_WECM, self.a2a, self.codecs.stream("dispatch", chunk),
+                        self.codecs.stream("dispatch_grad", chunk), self.rec, "dispatch", chunk)
 
     def combine(self, y_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Expert outputs back to the ranks that own the tokens."""
-        return exchange(y_WECM, self.a2a, self.codecs.combine, self.codecs.combine_grad,
-                        self.rec, "combine", chunk)
+        return exchange(y_WECM, self.a2a, self.codecs.stream("combine", chunk),
+                        self.codecs.stream("combine_grad", chunk), self.rec, "combine", chunk)
 
     def run_experts(self, recv_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Local experts over every source rank's tokens; same layout in and out."""

@@ -9,8 +9,9 @@ issued as soon as its input is compressed (async handle), so every dispatch A2A 
 any combine A2A and chunk i's exchanges overlap chunk i-1's expert work.
 
 Backward is explicit and mirrors it: the combine gradients of all chunks are issued first; then
-per chunk: wait, expert backward through the graph saved in forward, compress, issue the
-dispatch gradient; then all final decompressions.
+per chunk: wait, expert backward through the graph saved in forward (its parameter gradients go
+back to the autograd engine), compress, issue the dispatch gradient; then all final
+decompressions.
 """
 
 from __future__ import annotations
@@ -35,45 +36,69 @@ def chunk_bounds(capacity: int, degree: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def pipelined_forward(x_WECM: torch.Tensor, step: StepContext, degree: int, graph: bool
+                      ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The forward order. With `graph`, each chunk's experts build their own graph from a leaf
+    holding the received tokens; returns (y_WECM, the leaves, the chunk outputs)."""
+    bounds = chunk_bounds(x_WECM.shape[2], degree)
+    dispatches = [start_send(x_WECM[:, :, lo:hi].contiguous(), step.a2a,
+                             step.codecs.stream("dispatch", i), step.rec, "dispatch", i)
+                  for i, (lo, hi) in enumerate(bounds)]
+    leaves, outs, combines = [], [], []
+    for i, pending in enumerate(dispatches):
+        received = pending.wait()
+        with torch.set_grad_enabled(graph):
+            x_in = received.detach().requires_grad_(graph)
+            y = step.run_experts(x_in, chunk=i)
+        leaves.append(x_in)
+        outs.append(y)
+        combines.append(start_send(y.detach(), step.a2a, step.codecs.stream("combine", i),
+                                   step.rec, "combine", i))
+    return torch.cat([pending.wait() for pending in combines], dim=2), leaves, outs
+
+
 class _PipelinedRegion(torch.autograd.Function):
+    """The region as one autograd node. The per-chunk expert graphs hang off tensors saved with
+    save_for_backward, so the engine owns their lifetime: freed after a backward, kept by
+    retain_graph=True, recomputed by activation checkpointing. Parameter gradients are returned
+    to the engine (autograd.grad and gradient hooks see them), not written into .grad."""
+
     @staticmethod
     def forward(ctx, x_WECM, step: StepContext, degree: int, *expert_params):  # type: ignore[override]
-        bounds = chunk_bounds(x_WECM.shape[2], degree)
-        dispatches = [start_send(x_WECM[:, :, lo:hi].contiguous(), step.a2a,
-                                 step.codecs.dispatch, step.rec, "dispatch", i)
-                      for i, (lo, hi) in enumerate(bounds)]
-        saved, combines = [], []
-        for i, pending in enumerate(dispatches):
-            received = pending.wait()
-            with torch.enable_grad():
-                x_in = received.detach().requires_grad_()
-                y = step.run_experts(x_in, chunk=i)
-            saved.append((x_in, y))
-            combines.append(start_send(y.detach(), step.a2a, step.codecs.combine, step.rec,
-                                       "combine", i))
-        ctx.step, ctx.saved, ctx.bounds = step, saved, bounds
-        return torch.cat([pending.wait() for pending in combines], dim=2)
+        y_WECM, leaves, outs = pipelined_forward(x_WECM, step, degree, graph=True)
+        ctx.step, ctx.bounds = step, chunk_bounds(x_WECM.shape[2], degree)
+        ctx.save_for_backward(*leaves, *outs)
+        return y_WECM
 
     @staticmethod
     def backward(ctx, grad_WECM):  # type: ignore[override]
-        step = ctx.step
+        step, chunks = ctx.step, len(ctx.bounds)
+        saved = ctx.saved_tensors
+        leaves, outs = saved[:chunks], saved[chunks:]
+        params = [p for p, needed in zip(step.experts.parameters(), ctx.needs_input_grad[3:])
+                  if needed]
         grads = [start_send(grad_WECM[:, :, lo:hi].contiguous(), step.a2a,
-                            step.codecs.combine_grad, step.rec, "combine.bwd", i)
+                            step.codecs.stream("combine_grad", i), step.rec, "combine.bwd", i)
                  for i, (lo, hi) in enumerate(ctx.bounds)]
-        back = []
+        back, param_grads = [], [None] * len(params)
         for i, pending in enumerate(grads):
             grad_y = pending.wait()
-            x_in, y = ctx.saved[i]
-            with torch.enable_grad(), step.rec("experts.bwd", i):
-                torch.autograd.backward(y, grad_y)
-            grad_in = x_in.grad if x_in.grad is not None else torch.zeros_like(x_in)
+            with step.rec("experts.bwd", i):
+                # retain_graph: the chunk graph lives as long as the saved tensors, which the
+                # engine frees after this backward unless the caller retains the graph.
+                found = torch.autograd.grad(outs[i], [leaves[i], *params], grad_y,
+                                            retain_graph=True, allow_unused=True)
+            grad_in = found[0] if found[0] is not None else torch.zeros_like(leaves[i])
+            for k, g in enumerate(found[1:]):
+                if g is not None:
+                    param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
             # Sent even when the tokens need no gradient: every rank runs the same exchanges.
-            back.append(start_send(grad_in, step.a2a, step.codecs.dispatch_grad, step.rec,
-                                   "dispatch.bwd", i))
-        ctx.saved = None
+            back.append(start_send(grad_in, step.a2a, step.codecs.stream("dispatch_grad", i),
+                                   step.rec, "dispatch.bwd", i))
         grad_x = torch.cat([pending.wait() for pending in back], dim=2)
-        # The experts' parameter gradients were accumulated by the per-chunk backward above.
-        return (grad_x, None, None) + (None,) * len(ctx.needs_input_grad[3:])
+        it = iter(param_grads)
+        return (grad_x, None, None) + tuple(
+            next(it) if needed else None for needed in ctx.needs_input_grad[3:])
 
 
 @register_scheduler("pipeline")
@@ -89,6 +114,11 @@ class PipelineScheduler(Scheduler):
         return f"pipeline(degree={self.degree})"
 
     def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        params = list(ctx.experts.parameters())
+        differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
+            x_WECM.requires_grad or any(p.requires_grad for p in params))
+        if not differentiable:  # no_grad / inference: no graph anywhere
+            return pipelined_forward(x_WECM, ctx, self.degree, graph=False)[0]
         # The expert parameters are inputs so that the region is differentiated even when the
         # tokens need no gradient.
-        return _PipelinedRegion.apply(x_WECM, ctx, self.degree, *ctx.experts.parameters())
+        return _PipelinedRegion.apply(x_WECM, ctx, self.degree, *params)

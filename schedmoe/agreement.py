@@ -1,0 +1,229 @@
+"""What the ranks of an EP group must agree on before an exchange, and the one collective that
+checks it.
+
+Legend: W ranks in the EP group, F integers in one rank's step record.
+
+Every call of an MoE layer swaps one small int64 record per rank (an all-gather of F values):
+the layer's options as canonical strings (hashed; computed once at construction), the input's
+dtype, device type and autograd state, a local problem code, and the rank's capacity limit (the
+size exchange that decides the buffer's capacity C). Every rank runs exactly one such
+collective per call, whatever it finds locally, so a rank with a bad input or a local failure
+cannot leave the others waiting in an exchange: the record tells every rank about every
+problem and they all raise the same typed error. Only when something is wrong do the ranks
+swap a second, larger record (the readable values), to say exactly what differs.
+
+Canonical options: an option is compared by what it means, not how it was spelled: registry
+names and classes map to one name, `"pipeline"` and `PipelineScheduler(2)` both describe as
+`pipeline(degree=2)`, `local_size=None` is resolved first, floats print as floats. Callables
+are compared by module, name, bytecode, defaults and closure values, so two different lambdas
+differ and the same function defined on every rank agrees; a callable with no stable identity
+(its repr shows a memory address) is refused with ConfigError.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from .distributed import EPGroup, all_gather_ints, collective
+from .errors import ConfigError, ConfigMismatchError, InputError, StepError
+
+
+def canonical(spec: Any, kind: str | None = None) -> str:
+    """A string that is equal on two ranks iff `spec` means the same there."""
+    from .registry import registry  # the registry imports plugin base classes lazily
+
+    if spec is None or isinstance(spec, (str, bool, int)):
+        return repr(spec)
+    if isinstance(spec, float):
+        return repr(float(spec))
+    if isinstance(spec, type):
+        if kind is not None:
+            name = registry(kind).name_of(spec)
+            if name is not None:
+                return repr(name)
+        return f"{spec.__module__}.{spec.__qualname__}"
+    describe = getattr(spec, "describe", None)
+    if callable(describe):
+        return describe()
+    if callable(spec):
+        return _callable_identity(spec)
+    raise ConfigError(f"cannot compare option {spec!r} across ranks: pass a name, a class or "
+                      "an object with describe()")
+
+
+def _callable_identity(fn: Callable) -> str:
+    code = getattr(fn, "__code__", None)
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+    if isinstance(code, types.CodeType):
+        parts = [_code_identity(code), repr(getattr(fn, "__defaults__", None))]
+        for cell in getattr(fn, "__closure__", None) or ():
+            parts.append(_value_identity(cell.cell_contents))
+        return f"{name}#{zlib.crc32('|'.join(parts).encode()):08x}"
+    if isinstance(fn, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        return name
+    text = repr(fn)
+    if " at 0x" in text:
+        raise ConfigError(
+            f"the callable {text} has no identity that can be compared across ranks: pass a "
+            "registered name, a module-level function, or an object whose repr shows its "
+            "settings")
+    return f"{type(fn).__module__}.{type(fn).__qualname__}:{text}"
+
+
+def _code_identity(code: types.CodeType) -> str:
+    consts = [_code_identity(c) if isinstance(c, types.CodeType) else repr(c)
+              for c in code.co_consts]
+    return f"{code.co_code.hex()}:{consts}:{code.co_names}"
+
+
+def _value_identity(value: Any) -> str:
+    if value is None or isinstance(value, (bool, int, float, str, enum.Enum)):
+        return repr(value)
+    if callable(value):
+        return _callable_identity(value)
+    return type(value).__qualname__
+
+
+# What one rank found about its own input before the exchange (problem codes).
+OK, NOT_TENSOR, BAD_SHAPE, BAD_DTYPE, NON_FINITE, EMPTY, BAD_DEVICE, FAILED = range(8)
+PROBLEMS = {
+    NOT_TENSOR: ("a non-tensor instead of a torch.Tensor (got {})",
+                 "call the layer with a tensor shaped [..., model_dim]"),
+    BAD_SHAPE: ("last dimension {}", "pass a tensor shaped [..., model_dim]"),
+    BAD_DTYPE: ("a non-floating dtype", "pass float32, float16 or bfloat16 activations"),
+    NON_FINITE: ("NaN or Inf values", "the input holds NaN/Inf (check_finite=True found it)"),
+    EMPTY: ("no tokens", "pass at least one token, or build the layer with allow_empty=True"),
+    BAD_DEVICE: ("device type {}, not the layer's",
+                 "move the input to the layer's device (meta tensors hold no data)"),
+}
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+_DEVICE_TYPES = ["cpu", "cuda", "meta"]
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else zlib.crc32(str(dtype).encode())
+
+
+def device_code(device_type: str) -> int:
+    if device_type in _DEVICE_TYPES:
+        return _DEVICE_TYPES.index(device_type) + 1
+    return zlib.crc32(device_type.encode())
+
+
+@dataclass
+class LocalStep:
+    """This rank's side of the agreement for one call."""
+
+    problem: int = OK
+    note: str = ""  # what the problem message shows (a type name, a dimension, a device type)
+    dtype: str = "-"
+    device_type: str = "-"
+    graph: bool = False  # builds an autograd graph through the exchanges
+    input_grad: bool = False  # the input itself needs a gradient
+    limit: int = 0  # this rank's capacity limit
+    layout: int = 0  # hash of the token -> slot layout (only when error feedback needs it)
+    error: BaseException | None = None  # a local failure (problem FAILED)
+
+    def record(self) -> list[int]:
+        dtype = dtype_code(getattr(torch, self.dtype)) if self.dtype != "-" else 0
+        device = device_code(self.device_type) if self.device_type != "-" else 0
+        return [self.problem, dtype, device, int(self.graph), int(self.input_grad),
+                self.limit, self.layout]
+
+
+_COLUMNS = ("problem", "dtype", "device", "graph", "input_grad", "limit", "layout")
+
+
+@dataclass
+class Agreed:
+    """What every rank learnt from the collective."""
+
+    capacity: int  # C: the largest limit over the group
+    input_grad: bool  # some rank's input needs a gradient
+    layouts: tuple[int, ...]  # every rank's layout hash
+
+
+class Agreement:
+    """The per-call agreement of one layer: `options` are name -> canonical string."""
+
+    def __init__(self, group: EPGroup, options: dict[str, str]) -> None:
+        self.group = group
+        self.options = options
+        self._options_crc = zlib.crc32(repr(sorted(options.items())).encode()) & 0x7FFFFFFF
+
+    def agree(self, local: LocalStep, device: torch.device) -> Agreed:
+        """Swap the records; raise the same typed error on every rank if anything is wrong."""
+        record_WF = all_gather_ints([self._options_crc, *local.record()], self.group, device,
+                                    "the per-call agreement of MoELayer")
+        col = {name: record_WF[:, 1 + i].tolist() for i, name in enumerate(_COLUMNS)}
+        problems = col["problem"]
+        if len(set(record_WF[:, 0].tolist())) > 1 or any(problems):
+            self._raise(local, record_WF, problems)
+        for name, what in (("dtype", "input dtype"), ("device", "input device type"),
+                           ("graph", "autograd state (graph built through the layer)")):
+            if len(set(col[name])) > 1:
+                values = self._swap(local.dtype if name == "dtype" else local.device_type
+                                    if name == "device" else _graph_text(local))
+                raise InputError(
+                    f"the {what} differs across the ranks of the EP group ("
+                    + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+                    + "); every rank must call the layer alike (same dtype and device type, "
+                    "all in training with grad enabled or all under no_grad)")
+        return Agreed(max(col["limit"]), any(col["input_grad"]), tuple(col["layout"]))
+
+    # -- the error path: every rank takes it together ------------------------------------------
+
+    def _raise(self, local: LocalStep, record_WF: torch.Tensor, problems: list[int]) -> None:
+        reports = self._swap((self.options, _describe(local)))
+        options_W = [opts for opts, _ in reports]
+        differing = [name for name in self.options
+                     if len({repr(opts.get(name)) for opts in options_W}) > 1]
+        if differing:
+            lines = "; ".join(
+                f"{name} differs across the ranks of the EP group (" + ", ".join(
+                    f"rank {r}: {opts.get(name)}" for r, opts in enumerate(options_W)) + ")"
+                for name in differing)
+            raise ConfigMismatchError(
+                f"{lines}; this is {self.group.describe()}. Build MoELayer with the same "
+                "arguments on every rank.")
+        bad = [r for r, code in enumerate(problems) if code != OK]
+        failed = [r for r in bad if problems[r] == FAILED]
+        if failed:
+            text = "; ".join(f"rank {r}: {reports[r][1]}" for r in failed)
+            error = StepError(f"the layer failed before its exchange on rank(s) {failed} ({text}); "
+                              "every rank of the EP group stops")
+            raise error from local.error
+        r = bad[0]
+        who = "this rank's" if r == self.group.rank else f"rank {r}'s"
+        raise InputError(f"{who} input has {reports[r][1]}; every rank of the EP group stops "
+                         f"(ranks with bad input: {bad}). Fix the input on those ranks.")
+
+    def _swap(self, mine: Any) -> list[Any]:
+        """Every rank's `mine` (pickled): only on the error path."""
+        if not self.group.distributed:
+            return [mine]
+        out: list[Any] = [None] * self.group.size
+        with collective("the error report of MoELayer's agreement", self.group):
+            dist.all_gather_object(out, mine, group=self.group.pg)
+        return out
+
+
+def _describe(local: LocalStep) -> str:
+    if local.problem == OK:
+        return "no problem"
+    if local.problem == FAILED:
+        return f"{type(local.error).__name__}: {local.error}"
+    text, hint = PROBLEMS[local.problem]
+    return f"{text.format(local.note)}: {hint}"
+
+
+def _graph_text(local: LocalStep) -> str:
+    return "builds a graph" if local.graph else "no graph (no_grad, inference or frozen experts)"
