@@ -28,7 +28,7 @@ from .dispatch import (capacity_limit, check_drop_policy, decode, encode, layout
 from .errors import ConfigError
 from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
-from .ops.experts import mark_expert_parameters
+from .ops.experts import activation_name, mark_expert_parameters
 from .registry import registry
 from .schedulers.base import Scheduler, StepContext
 from .recorder import StepRecorder
@@ -85,7 +85,8 @@ class MoEConfig:
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
                         for name in ("capacity_factor", "gate_noise", "z_loss_weight")})
         options.update(expert=canonical(self.expert, "expert"), gate=canonical(self.gate, "gate"),
-                       activation=canonical(self.activation), a2a=canonical(self.a2a, "a2a"),
+                       activation=canonical(activation_name(self.activation)),
+                       a2a=canonical(self.a2a, "a2a"),
                        local_size=repr(local_size), compressor=codecs.describe(),
                        scheduler=scheduler.describe())
         return options

@@ -32,6 +32,14 @@ def resolve_activation(activation: str | Callable[[torch.Tensor], torch.Tensor])
     return ACTIVATIONS[activation]
 
 
+def activation_name(activation: str | Callable | None) -> str | Callable | None:
+    """The registered name of a built-in activation function ("gelu" for F.gelu), else as is."""
+    for name, fn in ACTIVATIONS.items():
+        if activation is fn:
+            return name
+    return activation
+
+
 def mark_expert_parameters(module: nn.Module) -> None:
     """Tag parameters as expert-parallel so data-parallel all-reduce can skip them.
 
