@@ -166,12 +166,13 @@ class Agreement:
         col = {name: record_WF[:, 1 + i].tolist() for i, name in enumerate(_COLUMNS)}
         problems = col["problem"]
         if len(set(record_WF[:, 0].tolist())) > 1 or any(problems):
-            self._raise(local, record_WF, problems)
-        for name, what in (("dtype", "input dtype"), ("device", "input device type"),
-                           ("graph", "autograd state (graph built through the layer)")):
+            self._raise(local, problems)
+        shown = {"dtype": ("input dtype", local.dtype),
+                 "device": ("input device type", local.device_type),
+                 "graph": ("autograd state (graph built through the layer)", _graph_text(local))}
+        for name, (what, mine) in shown.items():
             if len(set(col[name])) > 1:
-                values = self._swap(local.dtype if name == "dtype" else local.device_type
-                                    if name == "device" else _graph_text(local))
+                values = self._swap(mine)
                 raise InputError(
                     f"the {what} differs across the ranks of the EP group ("
                     + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
@@ -181,7 +182,7 @@ class Agreement:
 
     # -- the error path: every rank takes it together ------------------------------------------
 
-    def _raise(self, local: LocalStep, record_WF: torch.Tensor, problems: list[int]) -> None:
+    def _raise(self, local: LocalStep, problems: list[int]) -> None:
         reports = self._swap((self.options, _describe(local)))
         options_W = [opts for opts, _ in reports]
         differing = [name for name in self.options

@@ -153,7 +153,8 @@ class MoELayer(nn.Module):
             model_dim, num_experts, top_k, normalize_weights=cfg.normalize_weights,
             noise_std=cfg.gate_noise)
         expert_seed = int(torch.randint(0, 2 ** 62, ())) + self.expert_offset
-        with torch.random.fork_rng(devices=[]):
+        gpus = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=gpus):  # every RNG the experts may draw from
             torch.manual_seed(expert_seed)
             expert_args = {} if cfg.activation is None else {"activation": cfg.activation}
             self.experts = registry("expert").resolve(cfg.expert)(
@@ -251,7 +252,8 @@ class MoELayer(nn.Module):
             local.problem, local.note = BAD_DEVICE, repr(x.device.type)
         elif x.dim() == 0 or x.shape[-1] != cfg.model_dim:
             local.problem = BAD_SHAPE
-            local.note = f"{x.shape[-1] if x.dim() else 'none'} instead of model_dim ({cfg.model_dim})"
+            dim = x.shape[-1] if x.dim() else "none"
+            local.note = f"{dim} instead of model_dim ({cfg.model_dim})"
         elif not x.is_floating_point():
             local.problem = BAD_DTYPE
         elif cfg.check_finite and not bool(torch.isfinite(x).all()):

@@ -20,7 +20,6 @@ from schedmoe.errors import ConfigMismatchError, InputError, StepError
 from schedmoe.ops.codec_set import CodecSet, ErrorFeedback, make_codec
 from schedmoe.ops.compressor import CorruptPayloadError, SliceSpec, Wire
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
-from schedmoe.schedulers.sequential import SequentialScheduler
 from schedmoe.router import TopKRouter
 from schedmoe.registry import register_gate
 from schedmoe.testing import run_ranks
@@ -91,15 +90,15 @@ def _maybe_no_grad(layer, x, mine):
 def test_disagreements_raise_the_same_typed_error_on_every_rank():
     per_rank = run_ranks(disagreements, 2, timeout=120)
     expected = {
-        "dtype f64 vs f32": ("InputError", "dtype differs"),
-        "dtype f16 vs bf16": ("InputError", "dtype differs"),
-        "dtype int8 codec": ("InputError", "dtype differs"),
-        "dtype zstd codec": ("InputError", "dtype differs"),
-        "meta input": ("InputError", "'meta'"),
-        "grad mode": ("InputError", "autograd state"),
-        "lambda activations": ("ConfigMismatchError", "activation differs"),
-        "capacity factor": ("ConfigMismatchError", "1.25"),
-        "gate fails on one rank": ("StepError", "custom gate broke"),
+        "dtype f64 vs f32": (InputError.__name__, "dtype differs"),
+        "dtype f16 vs bf16": (InputError.__name__, "dtype differs"),
+        "dtype int8 codec": (InputError.__name__, "dtype differs"),
+        "dtype zstd codec": (InputError.__name__, "dtype differs"),
+        "meta input": (InputError.__name__, "'meta'"),
+        "grad mode": (InputError.__name__, "autograd state"),
+        "lambda activations": (ConfigMismatchError.__name__, "activation differs"),
+        "capacity factor": (ConfigMismatchError.__name__, "1.25"),
+        "gate fails on one rank": (StepError.__name__, "custom gate broke"),
     }
     for name in per_rank[0]:
         for rank, results in enumerate(per_rank):
@@ -151,14 +150,15 @@ def test_callable_without_identity_is_refused():
 
 BOMB_SCRIPT = textwrap.dedent("""
     import resource, sys, torch, zstandard
-    from schedmoe.ops.compressor import CorruptPayloadError, HEADER_BYTES, SliceSpec, Wire, header_bytes
+    from schedmoe.ops.compressor import CorruptPayloadError, SliceSpec, Wire, header_bytes
     from schedmoe.ops.zstd import ZstdCodec
     codec = ZstdCodec()
     spec = SliceSpec((256, 256), torch.float32)  # 256 KiB expected
     def attempt(frame):
         raw = header_bytes(codec.codec_id, spec, len(frame)) + frame
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         try:
-            codec.decompress(Wire(torch.frombuffer(bytearray(raw), dtype=torch.uint8), [len(raw)]), spec)
+            codec.decompress(Wire(data, [len(raw)]), spec)
             return "decoded"
         except CorruptPayloadError:
             return "CorruptPayloadError"

@@ -6,7 +6,8 @@ is one zstd frame with its content size and checksum. Before anything is decompr
 frame header's declared content size must be the size the receiver expects (or absent), and
 decompression streams into a buffer of that size and stops one byte past it, so a corrupt or
 hostile frame (a "zstd bomb", with or without a declared size) raises CorruptPayloadError
-without allocating more than the expected slice. Runs on the CPU (CUDA payloads are copied to host and back).
+without allocating more than the expected slice. Runs on the CPU (CUDA payloads are copied to
+host and back).
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ class _PipelinedRegion(torch.autograd.Function):
     to the engine (autograd.grad and gradient hooks see them), not written into .grad."""
 
     @staticmethod
-    def forward(ctx, x_WECM, step: StepContext, degree: int, *expert_params):  # type: ignore[override]
+    def forward(ctx, x_WECM, step: StepContext, degree: int,  # type: ignore[override]
+                *expert_params):
         y_WECM, leaves, outs = pipelined_forward(x_WECM, step, degree, graph=True)
         ctx.step, ctx.bounds = step, chunk_bounds(x_WECM.shape[2], degree)
         ctx.save_for_backward(*leaves, *outs)
