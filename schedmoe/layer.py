@@ -178,7 +178,7 @@ class MoELayer(nn.Module):
         recompute = torch._C._current_graph_task_id() != -1
         device = next(self.parameters()).device
         timer = StepRecorder(device, trace=cfg.trace)
-        local, routed = self._route(x, timer)
+        local, routed = self._route(x, device, timer)
         with timer("agree"):
             agreed = self._agreement.agree(local, device)
         routing, slot_TK, counts_E = routed
@@ -211,11 +211,12 @@ class MoELayer(nn.Module):
         y.l_aux = aux  # Tutel's convention
         return y
 
-    def _route(self, x: torch.Tensor, timer: StepRecorder) -> tuple[LocalStep, tuple]:
+    def _route(self, x: torch.Tensor, device: torch.device,
+               timer: StepRecorder) -> tuple[LocalStep, tuple]:
         """This rank's checks, routing and capacity limit. Nothing raises here: a problem or a
         failure is recorded for the agreement, which raises it on every rank."""
         cfg = self.config
-        local = self._check_input(x)
+        local = self._check_input(x, device)
         if local.problem != OK:
             return local, (None, None, None)
         try:
@@ -238,8 +239,8 @@ class MoELayer(nn.Module):
             return local, (None, None, None)
         return local, (routing, slot_TK, counts_E)
 
-    def _check_input(self, x: torch.Tensor) -> LocalStep:
-        """This rank's input problems and its autograd state."""
+    def _check_input(self, x: torch.Tensor, device: torch.device) -> LocalStep:
+        """This rank's input problems and its autograd state (`device`: the layer's)."""
         cfg = self.config
         if not isinstance(x, torch.Tensor):
             return LocalStep(NOT_TENSOR, note=type(x).__name__)
@@ -247,8 +248,7 @@ class MoELayer(nn.Module):
         local.graph = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.experts.parameters()))
         local.input_grad = local.graph and x.requires_grad
-        layer_device = next(self.parameters()).device.type
-        if x.device.type != layer_device or x.device.type == "meta":
+        if x.device.type != device.type or x.device.type == "meta":
             local.problem, local.note = BAD_DEVICE, repr(x.device.type)
         elif x.dim() == 0 or x.shape[-1] != cfg.model_dim:
             local.problem = BAD_SHAPE

@@ -335,8 +335,12 @@ class AdaptiveScheduler(Scheduler):
         recent = float(self._all_max(recent, ctx)[0])
         drifted = abs(recent / decision.measured_ms[0] - 1) > self.drift
         if drifted and self._drifting:
+            # Everything learnt under the old conditions goes: models, bucket winners, the
+            # running choice; the next call profiles again.
             self._samples.clear()
-            self._plan: list[tuple[str, str, int]] | None = None  # built at the first call
+            self._winners.clear()
+            self._running = None
+            self._plan = None
             self.decisions.append(Decision(self._step, "drift", decision.algorithm,
                                            decision.codec, decision.degree))
         self._drifting = drifted
