@@ -3,10 +3,11 @@
     python3 experiments/hardening_costs.py            # ~3 minutes on 2 cores
 
 1. Agreement: 4 gloo CPU ranks, the default layer at T = 256 tokens per rank, forward +
-   backward. Steps with the agreement and steps with it bypassed (every rank has the same T,
-   so the capacity is known without it) alternate in one run; the cost is the difference of
-   the median step times of the slowest rank. The time spent inside the agreement (the
-   collective, waiting for peers included) is reported too.
+   backward. Three variants interleaved in one run: the default (the record rides on the first
+   dispatch), the record swapped by its own all-gather every call, and the agreement bypassed
+   (valid here only: every rank has the same T, so the capacity is known without it). The cost
+   is the difference of the median step times of the slowest rank against the bypassed steps;
+   the time inside the "agree" op is reported too.
 2. Checksums (`verify=True`): compress + decompress of one dispatch payload of the default
    bench (8 experts x 320 slots x 512 fp32 = 5 MiB) per codec, with and without, interleaved,
    one thread.
@@ -27,6 +28,9 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+VARIANTS = ("rider", "collective", "bypassed")
+
+
 def agreement_rank(rank: int, world: int, tokens: int, steps: int) -> dict:
     import schedmoe
     from schedmoe.agreement import Agreed
@@ -34,24 +38,31 @@ def agreement_rank(rank: int, world: int, tokens: int, steps: int) -> dict:
     torch.manual_seed(0)
     layer = schedmoe.MoELayer(512, 8, 1024, 2, 1.25)
     x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(rank)).requires_grad_()
-    real = layer._agreement.agree
+    real_agree, real_can_guess = layer._agreement.agree, layer._can_guess
 
     def bypass(local, device):  # valid here only: every rank has the same T and config
-        return Agreed(local.limit, local.input_grad, ())
+        return Agreed(local.limit, local.input_grad, (), local.dtype)
 
-    times: dict[str, list[float]] = {"with": [], "without": [], "agree_ms": []}
-    for i in range(2 * steps + 4):
-        variant = "with" if i % 2 == 0 else "without"
-        layer._agreement.agree = real if variant == "with" else bypass
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times["rider_agree_ms"], times["collective_agree_ms"], times["rode"] = [], [], []
+    for i in range(len(VARIANTS) * (steps + 2)):
+        variant = VARIANTS[i % len(VARIANTS)]
+        # rider: the default (the record rides on the first dispatch once calls repeat);
+        # collective: the record swapped by its own all-gather every call; bypassed: neither.
+        layer._can_guess = real_can_guess if variant == "rider" else (lambda: False)
+        layer._agreement.agree = bypass if variant == "bypassed" else real_agree
+        rides = variant == "rider" and layer._can_guess()
         t0 = time.perf_counter()
         y = layer(x)
         (y.square().mean() + 0.01 * y.l_aux).backward()
         elapsed = torch.tensor([1e3 * (time.perf_counter() - t0)])
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
-        if i >= 4:
+        if i >= 2 * len(VARIANTS):
             times[variant].append(float(elapsed))
-            if variant == "with":
-                times["agree_ms"].append(layer.last_stats.op_ms["agree"])
+            if variant != "bypassed":
+                times[variant + "_agree_ms"].append(layer.last_stats.op_ms["agree"])
+            if variant == "rider":
+                times["rode"].append(rides)
     return times
 
 
@@ -59,14 +70,16 @@ def agreement_cost(tokens: int = 256, steps: int = 40) -> dict:
     from schedmoe.testing import run_ranks
 
     per_rank = run_ranks(agreement_rank, 4, tokens, steps, timeout=900)
-    with_ms = statistics.median(per_rank[0]["with"])
-    without_ms = statistics.median(per_rank[0]["without"])
-    inside = [statistics.median(r["agree_ms"]) for r in per_rank]
+    step = {name: statistics.median(per_rank[0][name]) for name in VARIANTS}
+    base = step["bypassed"]
     return {"tokens_per_rank": tokens, "ranks": 4, "steps_each": steps,
-            "step_with_ms": with_ms, "step_without_ms": without_ms,
-            "cost_ms": with_ms - without_ms, "cost_share": (with_ms - without_ms) / with_ms,
-            "inside_agreement_ms_per_rank": inside,
-            "inside_share_per_rank": [ms / with_ms for ms in inside]}
+            "step_ms": step, "rider_calls_that_rode": sum(per_rank[0]["rode"]),
+            "cost_ms": {name: step[name] - base for name in ("rider", "collective")},
+            "cost_share": {name: (step[name] - base) / step[name]
+                           for name in ("rider", "collective")},
+            "inside_agree_op_ms_per_rank": {
+                name: [statistics.median(r[name + "_agree_ms"]) for r in per_rank]
+                for name in ("rider", "collective")}}
 
 
 def checksum_cost(repeats: int = 15) -> list[dict]:
@@ -100,10 +113,12 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     agree = result["agreement"]
-    a.bar(["with agreement", "bypassed"], [agree["step_with_ms"], agree["step_without_ms"]])
+    a.bar(list(VARIANTS), [agree["step_ms"][name] for name in VARIANTS])
     a.set_ylabel("median step, slowest rank (ms)")
-    a.set_title(f"4 CPU ranks, T={agree['tokens_per_rank']}: cost {agree['cost_ms']:.2f} ms "
-                f"({100 * agree['cost_share']:.1f}%)", fontsize=9)
+    share = agree["cost_share"]
+    a.set_title(f"4 CPU ranks, T={agree['tokens_per_rank']}: agreement costs "
+                f"{100 * share['rider']:.1f}% (rider), {100 * share['collective']:.1f}% "
+                "(own all-gather)", fontsize=9)
     rows = result["checksums"]
     names = [r["codec"] for r in rows]
     xs = range(len(rows))

@@ -3,14 +3,30 @@ checks it.
 
 Legend: W ranks in the EP group, F integers in one rank's step record.
 
-Every call of an MoE layer swaps one small int64 record per rank (an all-gather of F values):
-the layer's options as canonical strings (hashed; computed once at construction), the input's
-dtype, device type and autograd state, a local problem code, and the rank's capacity limit (the
-size exchange that decides the buffer's capacity C). Every rank runs exactly one such
-collective per call, whatever it finds locally, so a rank with a bad input or a local failure
-cannot leave the others waiting in an exchange: the record tells every rank about every
-problem and they all raise the same typed error. Only when something is wrong do the ranks
-swap a second, larger record (the readable values), to say exactly what differs.
+Every call of an MoE layer swaps one small int64 record per rank (F values): the layer's
+options as canonical strings (hashed; computed once at construction), the input's dtype, device
+type and autograd state, a local problem code, and the rank's capacity limit (the size exchange
+that decides the buffer's capacity C). Every rank swaps its record exactly once per call,
+whatever it finds locally, so a rank with a bad input or a local failure cannot leave the others
+waiting in an exchange: the records tell every rank about every problem and they all raise the
+same typed error. Only when something is wrong do the ranks swap a second, larger record (the
+readable values), to say exactly what differs.
+
+How the record travels:
+- Synchronously (`Agreement.agree`, one all-gather before the exchange): in dropless mode, whose
+  capacity depends on every rank's routing, with error feedback (its residuals must be dropped
+  before compressing if a layout changed), on a layer's first calls and after a change.
+- As a rider on the first dispatch exchange (`Rider`, no collective of its own), in fixed-
+  capacity mode once two calls in a row agreed on the same capacity, dtype and input-grad state:
+  every rank guesses that this call agrees alike, encodes for that guess and appends its record
+  to every slice it sends. A rank whose own state contradicts the guess (bad input, a larger
+  limit, another dtype) sends zeros of the guessed shape instead, so every payload has the size
+  its receiver expects and nothing can deadlock. The records are checked when the first
+  dispatch arrives, before anything is decoded: a problem raises the typed error on every rank;
+  a wrong guess raises `Misguessed` carrying what was agreed, and the layer runs the call again
+  with it (every rank sees the same records, so all take the same path). An extra collective
+  costs about 4 ms per call on 4 CPU ranks at T = 256 even when overlapped with the dispatch,
+  which is why the record rides instead (docs/hardening.md).
 
 Canonical options: an option is compared by what it means, not how it was spelled: registry
 names and classes map to one name, `"pipeline"` and `PipelineScheduler(2)` both describe as
@@ -33,6 +49,7 @@ import torch.distributed as dist
 
 from .distributed import EPGroup, all_gather_ints, collective
 from .errors import ConfigError, ConfigMismatchError, InputError, StepError
+from .ops.compressor import CorruptPayloadError, Wire
 
 
 def canonical(spec: Any, kind: str | None = None) -> str:
@@ -149,6 +166,63 @@ class Agreed:
     capacity: int  # C: the largest limit over the group
     input_grad: bool  # some rank's input needs a gradient
     layouts: tuple[int, ...]  # every rank's layout hash
+    dtype: str = "-"  # the input dtype, the same on every rank
+
+    def same_call(self, other: "Agreed | None") -> bool:
+        """Whether a call agreeing `other` exchanges the same shapes as this one."""
+        return other is not None and (self.capacity, self.dtype, self.input_grad) == (
+            other.capacity, other.dtype, other.input_grad)
+
+
+class Misguessed(Exception):
+    """The guess a rider was sent under was wrong, without any error: run the call again with
+    `agreed` (internal to the layer; raised on every rank alike)."""
+
+    def __init__(self, agreed: Agreed) -> None:
+        super().__init__(f"the guessed capacity/dtype/input-grad state was wrong: {agreed}")
+        self.agreed = agreed
+
+
+class Rider:
+    """One call's record riding on the first dispatch exchange: appended to every slice sent,
+    split off every slice received and checked before anything is decoded."""
+
+    def __init__(self, record: list[int], conclude: Callable[[torch.Tensor], Agreed]) -> None:
+        self._record_F = torch.tensor(record, dtype=torch.int64)
+        self._conclude = conclude
+        self.claimed = False
+        self.agreed: Agreed | None = None  # set once the records have arrived and agree
+
+    def claim(self) -> "Rider | None":
+        """Self for the first exchange that asks (the first dispatch), None afterwards."""
+        if self.claimed:
+            return None
+        self.claimed = True
+        return self
+
+    def attach(self, wire: Wire) -> Wire:
+        """The wire with this rank's record after every slice."""
+        record_R = self._record_F.view(torch.uint8).to(wire.data.device)
+        pieces = []
+        for slice_B in torch.split(wire.data, wire.sizes):
+            pieces += [slice_B, record_R]
+        return Wire(torch.cat(pieces), [size + record_R.numel() for size in wire.sizes])
+
+    def detach(self, data: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Split the records off the slices received, conclude the agreement from them (raises
+        the typed error or Misguessed), and return the bare payload and its slice sizes."""
+        record_bytes = self._record_F.numel() * 8
+        if any(size < record_bytes for size in sizes) or sum(sizes) != data.numel():
+            raise CorruptPayloadError(f"the first dispatch carries a {record_bytes}-byte record "
+                                      f"per slice, got slices of {list(sizes)[:8]} bytes")
+        bodies, records = [], []
+        for slice_B in torch.split(data, sizes):
+            bodies.append(slice_B[:-record_bytes])
+            records.append(slice_B[-record_bytes:])
+        # A host sync on GPUs, which the algorithm needs: nothing is decoded before the check.
+        records_WF = torch.stack(records).cpu().view(torch.int64)
+        self.agreed = self._conclude(records_WF)
+        return torch.cat(bodies), [size - record_bytes for size in sizes]
 
 
 class Agreement:
@@ -163,6 +237,17 @@ class Agreement:
         """Swap the records; raise the same typed error on every rank if anything is wrong."""
         record_WF = all_gather_ints([self._options_crc, *local.record()], self.group, device,
                                     "the per-call agreement of MoELayer")
+        return self.conclude(record_WF, local)
+
+    def rider(self, local: LocalStep, guess: Agreed) -> Rider:
+        """This call's record, to ride on the first dispatch sent under `guess`."""
+        return Rider([self._options_crc, *local.record()],
+                     lambda record_WF: self.conclude(record_WF, local, guess))
+
+    def conclude(self, record_WF: torch.Tensor, local: LocalStep,
+                 guess: Agreed | None = None) -> Agreed:
+        """What every rank's record says; the same typed error on every rank if anything is
+        wrong, Misguessed if the call was sent under a `guess` that turned out wrong."""
         col = {name: record_WF[:, 1 + i].tolist() for i, name in enumerate(_COLUMNS)}
         problems = col["problem"]
         if len(set(record_WF[:, 0].tolist())) > 1 or any(problems):
@@ -178,7 +263,11 @@ class Agreement:
                     + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                     + "); every rank must call the layer alike (same dtype and device type, "
                     "all in training with grad enabled or all under no_grad)")
-        return Agreed(max(col["limit"]), any(col["input_grad"]), tuple(col["layout"]))
+        agreed = Agreed(max(col["limit"]), any(col["input_grad"]), tuple(col["layout"]),
+                        local.dtype)
+        if guess is not None and not agreed.same_call(guess):
+            raise Misguessed(agreed)
+        return agreed
 
     # -- the error path: every rank takes it together ------------------------------------------
 

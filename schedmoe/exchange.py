@@ -4,6 +4,10 @@ Fixed-size codecs exchange their wire with even splits. Data-dependent codecs (z
 exchange each slice's byte count, then the wire with those uneven splits, through the same A2A
 algorithm. The backward pass sends the gradient back the same way with the gradient codec; for
 a lossy codec the gradient is straight-through (the round trip is treated as the identity).
+
+A call's first dispatch may carry a `Rider` (the per-call agreement record, agreement.py):
+appended to every slice after compression, split off and checked on arrival before anything
+is decompressed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .a2a_algos.base import A2AAlgorithm
+from .agreement import Rider
 from .ops.compressor import Compressor, SliceSpec, Wire
 from .recorder import StepRecorder
 
@@ -19,24 +24,31 @@ class PendingSend:
     """An exchange in flight: `wait()` finishes the A2A and decompresses."""
 
     def __init__(self, handle, recv_sizes: list[int], codec: Compressor, spec: SliceSpec,
-                 rec: StepRecorder, name: str, chunk: int | None, issued: float) -> None:
+                 rec: StepRecorder, name: str, chunk: int | None, issued: float,
+                 rider: Rider | None = None) -> None:
         self._handle, self._recv_sizes, self._codec = handle, recv_sizes, codec
         self._spec, self._rec, self._name, self._chunk, self._issued = spec, rec, name, chunk, issued
+        self._rider = rider
 
     def wait(self) -> torch.Tensor:
-        data = self._handle.wait()
+        data, sizes = self._handle.wait(), self._recv_sizes
         self._rec.interval(self._name + ".a2a", self._issued, self._chunk, stream="comm")
+        if self._rider is not None:
+            with self._rec("agree"):  # raises on every rank alike if the records disagree
+                data, sizes = self._rider.detach(data, sizes)
         with self._rec(self._name + ".decompress", self._chunk):
-            return self._codec.decompress(Wire(data, self._recv_sizes), self._spec)
+            return self._codec.decompress(Wire(data, sizes), self._spec)
 
 
 def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
-               name: str, chunk: int | None = None) -> PendingSend:
+               name: str, chunk: int | None = None, rider: Rider | None = None) -> PendingSend:
     """Compress slice p of `x_P` for rank p and issue the exchange without waiting for it.
     A data-dependent codec's slice sizes are exchanged first (blocking, a few bytes)."""
     spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
     with rec(name + ".compress", chunk):
         wire = codec.compress(x_P)
+        if rider is not None:
+            wire = rider.attach(wire)
     issued = rec.now()
     if codec.fixed_size:
         recv_sizes = wire.sizes
@@ -46,29 +58,31 @@ def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: Ste
         recv_sizes = a2a.exchange(sizes_P).tolist()
         handle = a2a.start(wire.data, recv_sizes, wire.sizes)
     rec.count_bytes(name, x_P.numel() * x_P.element_size(), wire.data.numel())
-    return PendingSend(handle, recv_sizes, codec, spec, rec, name, chunk, issued)
+    return PendingSend(handle, recv_sizes, codec, spec, rec, name, chunk, issued, rider)
 
 
 def send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
-         name: str, chunk: int | None = None) -> torch.Tensor:
+         name: str, chunk: int | None = None, rider: Rider | None = None) -> torch.Tensor:
     """Slice p of `x_P` to rank p; returns the slices received, by source rank."""
-    return start_send(x_P, a2a, codec, rec, name, chunk).wait()
+    return start_send(x_P, a2a, codec, rec, name, chunk, rider).wait()
 
 
 class _Exchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_P, a2a, codec, grad_codec, rec, name, chunk):  # type: ignore[override]
+    def forward(ctx, x_P, a2a, codec, grad_codec, rec, name, chunk,  # type: ignore[override]
+                rider):
         ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name, ctx.chunk = a2a, grad_codec, rec, name, chunk
-        return send(x_P, a2a, codec, rec, name, chunk)
+        return send(x_P, a2a, codec, rec, name, chunk, rider)
 
     @staticmethod
     def backward(ctx, grad_P):  # type: ignore[override]
         grad = send(grad_P.contiguous(), ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name + ".bwd",
                     ctx.chunk)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def exchange(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, grad_codec: Compressor,
-             rec: StepRecorder, name: str, chunk: int | None = None) -> torch.Tensor:
+             rec: StepRecorder, name: str, chunk: int | None = None,
+             rider: Rider | None = None) -> torch.Tensor:
     """Differentiable `send`; the gradient travels back with `grad_codec`."""
-    return _Exchange.apply(x_P, a2a, codec, grad_codec, rec, name, chunk)
+    return _Exchange.apply(x_P, a2a, codec, grad_codec, rec, name, chunk, rider)

@@ -4,10 +4,11 @@ Legend: T tokens on this rank, M model dim, E experts (global), W ranks in the E
 C capacity (slots per expert), K top-k.
 
 One call: route -> agree -> encode -> [scheduler: compress -> A2A -> decompress -> experts ->
-compress -> A2A -> decompress] -> decode. Before the exchange, the ranks swap one small record
+compress -> A2A -> decompress] -> decode. Every call the ranks swap one small record
 (`agreement.py`: options, input dtype/device/autograd state, problems, capacity limit) so that a
 bad input, a local failure or a mismatched config on any rank raises on every rank instead of
-leaving the others waiting in a collective.
+leaving the others waiting in a collective. In fixed-capacity mode, once the calls repeat, the
+record rides on the first dispatch instead of costing a collective of its own.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .agreement import (BAD_DEVICE, BAD_DTYPE, BAD_SHAPE, EMPTY, FAILED, NON_FINITE,
-                        NOT_TENSOR, OK, Agreement, LocalStep, canonical)
+                        NOT_TENSOR, OK, Agreed, Agreement, LocalStep, Misguessed, Rider,
+                        canonical)
 from .distributed import EPGroup
-from .dispatch import (capacity_limit, check_drop_policy, decode, encode, layout_hash, locate,
-                       make_plan)
+from .dispatch import (DispatchPlan, capacity_limit, check_drop_policy, decode, encode,
+                       layout_hash, locate, make_plan)
 from .errors import ConfigError
 from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
@@ -168,6 +170,9 @@ class MoELayer(nn.Module):
         self._agreement = Agreement(self.group, cfg.canonical(local_size, self.codecs,
                                                               self.scheduler))
 
+        self._agreed: Agreed | None = None  # what the last call agreed
+        self._guess: Agreed | None = None  # what the next call is guessed to agree
+
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: LayerStats | None = None
 
@@ -179,37 +184,86 @@ class MoELayer(nn.Module):
         device = next(self.parameters()).device
         timer = StepRecorder(device, trace=cfg.trace)
         local, routed = self._route(x, device, timer)
-        with timer("agree"):
-            agreed = self._agreement.agree(local, device)
-        routing, slot_TK, counts_E = routed
-        x_TM = x.reshape(-1, cfg.model_dim)
-        num_tokens, capacity = x_TM.shape[0], agreed.capacity
-        if self.codecs.uses_feedback:
-            self.codecs.observe_layout((capacity, agreed.layouts))
+        guess = self._guess if self._can_guess() else None
+        if guess is None:
+            with timer("agree"):
+                agreed = self._agreement.agree(local, device)
+            if self.codecs.uses_feedback:
+                self.codecs.observe_layout((agreed.capacity, agreed.layouts))
+            plan, y_WECM, ctx = self._exchange(x, local, routed, agreed, timer, recompute)
+        else:
+            rider = self._agreement.rider(local, guess)
+            try:
+                plan, y_WECM, ctx = self._exchange(x, local, routed, guess, timer, recompute,
+                                                   rider=rider)
+                agreed = rider.agreed
+            except Misguessed as miss:  # every rank alike: run the call at the agreed shapes
+                agreed = miss.agreed
+                timer = StepRecorder(device, trace=cfg.trace)
+                plan, y_WECM, ctx = self._exchange(x, local, routed, agreed, timer, recompute)
+        # Guess the next call only once two calls in a row agreed alike (a capacity that
+        # changes every call is swapped beforehand instead of guessed wrong every time).
+        self._guess = agreed if agreed.same_call(self._agreed) else None
+        self._agreed = agreed
 
-        with timer("encode"):
-            plan = make_plan(routing.expert_TK, routing.weight_TK, slot_TK, counts_E,
-                             local.limit, capacity)
-            x_ECM = encode(x_TM, plan)
-        if local.graph and agreed.input_grad and not x_ECM.requires_grad:
-            # Another rank's input needs a gradient, so its dispatch is differentiated and the
-            # backward exchange runs there: take part in it (the gradient here goes nowhere).
-            x_ECM = x_ECM.detach().requires_grad_()
-        ctx = StepContext(self.experts, self.a2a, self.codecs, timer, recompute=recompute)
-        x_WECM = x_ECM.view(self.group.size, self.num_local_experts, capacity, cfg.model_dim)
-        y_WECM = self.scheduler.run(x_WECM, ctx)
+        routing = routed[0]
+        num_tokens, capacity = plan.kept_TK.shape[0], agreed.capacity
         with timer("decode"):
             y_TM = decode(y_WECM.view(cfg.num_experts, capacity, cfg.model_dim), plan, num_tokens)
-
         aux = routing.balance_loss + cfg.z_loss_weight * routing.z_loss
         if not recompute:
             self.aux_loss = aux
-            self.last_stats = LayerStats(num_tokens, capacity, local.limit, counts_E.tolist(),
+            self.last_stats = LayerStats(num_tokens, capacity, local.limit, plan.counts_E.tolist(),
                                          plan.dropped_E.tolist(), plan.kept, plan.dropped,
                                          plan.kept_TK, ctx.notes, timer)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
         return y
+
+    def _can_guess(self) -> bool:
+        """Whether this call's record may ride on its first dispatch (agreement.py): fixed
+        capacity, no error feedback, a scheduler that carries it, more than one rank."""
+        return (self._guess is not None and self.config.capacity_factor > 0
+                and not self.codecs.uses_feedback and self.group.distributed
+                and type(self.scheduler).carries_agreement)
+
+    def _exchange(self, x: torch.Tensor, local: LocalStep, routed: tuple, agreed: Agreed,
+                  timer: StepRecorder, recompute: bool, rider: Rider | None = None
+                  ) -> tuple[DispatchPlan, torch.Tensor, StepContext]:
+        """Encode at the agreed (or guessed) capacity and run the scheduler. A rank whose own
+        state does not fit a guess sends zeros of the guessed shape: the rider's check then
+        raises on every rank before anything is decoded."""
+        cfg = self.config
+        capacity = agreed.capacity
+        routing, slot_TK, counts_E = routed
+        fits = (local.problem == OK and local.limit <= capacity and local.dtype == agreed.dtype
+                and local.input_grad <= agreed.input_grad)
+        if fits:
+            x_TM = x.reshape(-1, cfg.model_dim)
+            with timer("encode"):
+                plan = make_plan(routing.expert_TK, routing.weight_TK, slot_TK, counts_E,
+                                 local.limit, capacity)
+                x_ECM = encode(x_TM, plan)
+        elif rider is not None:
+            plan, x_ECM = None, torch.zeros(cfg.num_experts, capacity, cfg.model_dim,
+                                            dtype=getattr(torch, agreed.dtype),
+                                            device=next(self.parameters()).device)
+        else:
+            raise AssertionError("the agreement passed a call that does not fit it")
+        if local.graph and agreed.input_grad and not x_ECM.requires_grad:
+            # Another rank's input needs a gradient, so its dispatch is differentiated and the
+            # backward exchange runs there: take part in it (the gradient here goes nowhere).
+            x_ECM = x_ECM.detach().requires_grad_()
+        ctx = StepContext(self.experts, self.a2a, self.codecs, timer, recompute=recompute,
+                          rider=rider)
+        x_WECM = x_ECM.view(self.group.size, self.num_local_experts, capacity, cfg.model_dim)
+        y_WECM = self.scheduler.run(x_WECM, ctx)
+        if rider is not None and rider.agreed is None:
+            raise ConfigError(f"{self.scheduler.describe()} sets carries_agreement but sent no "
+                              "dispatch through ctx.dispatch or ctx.start_dispatch")
+        if plan is None:
+            raise AssertionError("a rank that sent a placeholder passed the agreement")
+        return plan, y_WECM, ctx
 
     def _route(self, x: torch.Tensor, device: torch.device,
                timer: StepRecorder) -> tuple[LocalStep, tuple]:

@@ -81,6 +81,8 @@ class Decision:
 
 @register_scheduler("adaptive")
 class AdaptiveScheduler(Scheduler):
+    carries_agreement = True
+
     def __init__(self, degrees=tuple(range(1, 17)), algorithms=("nccl", "2dh", "pipe"),
                  codecs=None, allow_lossy: bool = False, shortlist: int = 5,
                  trial_steps: int = 4, check_every: int = 5, drift: float = 0.5) -> None:
@@ -101,6 +103,8 @@ class AdaptiveScheduler(Scheduler):
         self._tried: list[Decision] = []  # shortlisted candidates already run
         self._last_call: float | None = None
         self._last_decision: Decision | None = None
+        self._attempt: Decision | None = None  # the latest call's decision
+        self._abandoned = False  # the latest call raised before it returned
         self._drifting = False
         self._plan: list[tuple[str, str, int]] | None = None  # built at the first call
         self._samples: dict[str, list[tuple[float, float]]] = {}
@@ -123,21 +127,10 @@ class AdaptiveScheduler(Scheduler):
     def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if ctx.recompute:
             return self._replay(x_WECM, ctx)
-        self._step += 1
-        self._time_last_step()
-        self._harvest()
-        if self._plan is None:
-            self._plan = self._profile_plan(ctx)
-        if self._plan:
-            if ctx.rec.events is None:
-                ctx.rec.events = []  # a profiled step's op intervals are its measurements
-            algorithm, codec, degree = self._plan.pop(0)
-            decision = Decision(self._step, "profile", algorithm, codec, degree)
-            self.decisions.append(decision)
-            self._pending.append((decision, ctx.rec, x_WECM.shape, x_WECM.element_size()))
-        else:
-            decision = self._choose(x_WECM, ctx)
+        decision = self._retry(x_WECM, ctx) if self._abandoned else self._decide(x_WECM, ctx)
+        self._abandoned = True  # until the call returns: an exception abandons it
         y = self._execute(x_WECM, ctx, decision)
+        self._abandoned = False
         self._replays[tuple(x_WECM.shape)] = decision
         self._replays.move_to_end(tuple(x_WECM.shape))
         while len(self._replays) > 16:
@@ -146,6 +139,38 @@ class AdaptiveScheduler(Scheduler):
         ctx.notes.update(dataclasses.asdict(decision))
         ctx.notes["decisions"] = len(self.decisions)
         return y
+
+    def _decide(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
+        """This call's decision: a profiling step, or what `_choose` says."""
+        self._step += 1
+        self._time_last_step()
+        self._harvest()
+        if self._plan is None:
+            self._plan = self._profile_plan(ctx)
+        if self._plan:
+            algorithm, codec, degree = self._plan.pop(0)
+            decision = Decision(self._step, "profile", algorithm, codec, degree)
+            self.decisions.append(decision)
+            self._measure(decision, x_WECM, ctx)
+        else:
+            decision = self._choose(x_WECM, ctx)
+        self._attempt = decision
+        return decision
+
+    def _retry(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
+        """The call after an abandoned one (an error, or the layer's wrong capacity guess, at
+        its first dispatch: every rank alike): the abandoned call's decision again, nothing
+        decided or learnt twice; a profiling step measures this call instead."""
+        if self._attempt.reason == "profile":
+            self._pending.pop()
+            self._measure(self._attempt, x_WECM, ctx)
+        return self._attempt
+
+    def _measure(self, decision: Decision, x_WECM: torch.Tensor, ctx: StepContext) -> None:
+        """Keep a profiled step's op intervals: they become samples at the next call."""
+        if ctx.rec.events is None:
+            ctx.rec.events = []
+        self._pending.append((decision, ctx.rec, x_WECM.shape, x_WECM.element_size()))
 
     def _time_last_step(self) -> None:
         """The time since the last call is the last step's; it belongs to the last decision."""

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..a2a_algos.base import A2AAlgorithm
-from ..exchange import exchange
+from ..agreement import Rider
+from ..exchange import PendingSend, exchange, start_send
 from ..ops.codec_set import CodecSet
 from ..ops.experts import Expert
 from ..recorder import StepRecorder
@@ -32,11 +33,21 @@ class StepContext:
     rec: StepRecorder
     notes: dict = field(default_factory=dict)  # what the scheduler decided, for last_stats
     recompute: bool = False  # an activation checkpoint's recompute: repeat the last decision
+    rider: Rider | None = None  # the agreement record, carried by the call's first dispatch
 
     def dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Tokens to the ranks owning their experts."""
         return exchange(x_WECM, self.a2a, self.codecs.stream("dispatch", chunk),
-                        self.codecs.stream("dispatch_grad", chunk), self.rec, "dispatch", chunk)
+                        self.codecs.stream("dispatch_grad", chunk), self.rec, "dispatch", chunk,
+                        self._ride())
+
+    def start_dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> PendingSend:
+        """`dispatch` without waiting (no autograd: for schedules with their own backward)."""
+        return start_send(x_WECM, self.a2a, self.codecs.stream("dispatch", chunk), self.rec,
+                          "dispatch", chunk, self._ride())
+
+    def _ride(self) -> Rider | None:
+        return None if self.rider is None else self.rider.claim()
 
     def combine(self, y_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Expert outputs back to the ranks that own the tokens."""
@@ -54,7 +65,16 @@ class StepContext:
 
 
 class Scheduler(ABC):
-    """Orders exchange and expert work. Subclasses take keyword options in their constructor."""
+    """Orders exchange and expert work. Subclasses take keyword options in their constructor.
+
+    A scheduler that sends every call's first dispatch through `ctx.dispatch` or
+    `ctx.start_dispatch` sets `carries_agreement = True`: the layer may then let the agreement
+    record ride on that exchange instead of swapping it beforehand (agreement.py). Such a
+    scheduler must expect a call to be abandoned by an exception from that dispatch (every rank
+    alike) and possibly made again at another capacity.
+    """
+
+    carries_agreement = False
 
     def describe(self) -> str:
         """Name and settings; must be equal on every rank of the EP group."""

@@ -41,8 +41,7 @@ def pipelined_forward(x_WECM: torch.Tensor, step: StepContext, degree: int, grap
     """The forward order. With `graph`, each chunk's experts build their own graph from a leaf
     holding the received tokens; returns (y_WECM, the leaves, the chunk outputs)."""
     bounds = chunk_bounds(x_WECM.shape[2], degree)
-    dispatches = [start_send(x_WECM[:, :, lo:hi].contiguous(), step.a2a,
-                             step.codecs.stream("dispatch", i), step.rec, "dispatch", i)
+    dispatches = [step.start_dispatch(x_WECM[:, :, lo:hi].contiguous(), i)
                   for i, (lo, hi) in enumerate(bounds)]
     leaves, outs, combines = [], [], []
     for i, pending in enumerate(dispatches):
@@ -105,6 +104,8 @@ class _PipelinedRegion(torch.autograd.Function):
 @register_scheduler("pipeline")
 class PipelineScheduler(Scheduler):
     """Split the capacity into `degree` chunks and overlap their exchanges with expert work."""
+
+    carries_agreement = True
 
     def __init__(self, degree: int = 2) -> None:
         if not isinstance(degree, int) or degree < 1:

@@ -12,6 +12,8 @@ from .base import Scheduler, StepContext
 class SequentialScheduler(Scheduler):
     """compress -> A2A -> decompress -> experts -> compress -> A2A -> decompress."""
 
+    carries_agreement = True
+
     def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         recv_WECM = ctx.dispatch(x_WECM)
         y_WECM = ctx.run_experts(recv_WECM)
