@@ -46,10 +46,11 @@ def _pair(scheduler, **options):
     return layer, twin
 
 
-def _warm(layer, x, twin=None) -> None:
-    """Call until the next call rides (at most three calls); the twin gets the same calls."""
-    for _ in range(3):
-        if layer._can_guess():
+def _warm(layer, x, twin=None, calls: int = 0) -> None:
+    """Call at least `calls` times, until the next call rides (at most three calls more); the
+    twin gets the same calls."""
+    for i in range(calls + 3):
+        if i >= calls and layer._can_guess():
             return
         layer(x)
         if twin is not None:
@@ -101,13 +102,19 @@ def changes(rank: int, world: int, scheduler: str, options: dict) -> list[str]:
         "input grad on rank 0 only": torch.randn(T, M, generator=gen).requires_grad_(rank == 0),
         "no tokens on rank 1": torch.randn(0 if rank == 1 else T, M,
                                            generator=gen).requires_grad_(),
+        "input grad on rank 1 after none": torch.randn(T, M, generator=gen).requires_grad_(
+            rank == 1),
     }
     # the calls whose guess is wrong (a different C, dtype or input-grad state): run again
     misguessed = {"more tokens on rank 1", "fewer tokens everywhere", "bf16 everywhere",
-                  "input grad nowhere"}
+                  "input grad nowhere", "input grad on rank 1 after none"}
     done = []
     for name, xi in cases.items():
-        _warm(layer, x, twin)  # the same call sequence: the adaptive schedulers decide alike
+        # the same call sequence for both: the adaptive schedulers decide alike
+        if name.endswith("after none"):
+            _warm(layer, x.detach(), twin, calls=2)
+        else:
+            _warm(layer, x, twin)
         _same(_step(layer, xi), _step(twin, xi), name)
         assert (layer._guess is None) == (name in misguessed), name
         done.append(name)
@@ -127,7 +134,7 @@ def changes(rank: int, world: int, scheduler: str, options: dict) -> list[str]:
 ])
 def test_unforeseen_changes_give_the_twins_result(scheduler, world, options):
     results = run_ranks(changes, world, scheduler, options, timeout=300)
-    assert all(len(done) == 7 for done in results)
+    assert all(len(done) == 8 for done in results)
 
 
 def faults(rank: int, world: int, scheduler: str, options: dict) -> dict[str, tuple[str, str]]:
