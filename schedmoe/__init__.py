@@ -5,9 +5,10 @@
     loss = task_loss + 0.01 * y.l_aux
 """
 
-from . import a2a_algos, ops, router, schedulers  # noqa: F401  (registers the built-ins)
+from . import a2a_algos, ops, routers, schedulers  # noqa: F401  (registers the built-ins)
 from .errors import (A2AError, ConfigError, ConfigMismatchError, InputError, PeerError,
-                     RankError, RegistryError, SchedMoEError)
+                     RankError, RegistryError, SchedMoEError, StepError,
+                     UnsupportedModelError)
 from .layer import LayerStats, MoEConfig, MoELayer, expert_parameters, non_expert_parameters
 from .registry import (register_a2a, register_compressor, register_expert, register_gate,
                        register_scheduler, registry)
@@ -18,5 +19,5 @@ __all__ = [
     "MoELayer", "MoEConfig", "LayerStats", "expert_parameters", "non_expert_parameters",
     "registry", "register_a2a", "register_compressor", "register_expert", "register_gate",
     "register_scheduler", "SchedMoEError", "ConfigError", "ConfigMismatchError", "InputError",
-    "RegistryError", "A2AError", "PeerError", "RankError",
+    "RegistryError", "A2AError", "PeerError", "RankError", "StepError", "UnsupportedModelError",
 ]

@@ -60,6 +60,8 @@ def canonical(spec: Any, kind: str | None = None) -> str:
         return repr(spec)
     if isinstance(spec, float):
         return repr(float(spec))
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{k!r}: {canonical(v)}" for k, v in sorted(spec.items())) + "}"
     if isinstance(spec, type):
         if kind is not None:
             name = registry(kind).name_of(spec)

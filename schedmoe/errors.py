@@ -40,3 +40,7 @@ class StepError(SchedMoEError, RuntimeError):
 
 class RankError(SchedMoEError):
     """One or more ranks spawned by schedmoe.launch failed; the message holds their tracebacks."""
+
+
+class UnsupportedModelError(SchedMoEError, TypeError):
+    """schedmoe.hf was given a model or MoE block type it does not know how to convert."""

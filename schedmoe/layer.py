@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
 from .ops.experts import activation_name, mark_expert_parameters
+from .ops.shared import SharedExperts
 from .registry import registry
 from .schedulers.base import Scheduler, StepContext
 from .recorder import StepRecorder
@@ -56,6 +57,11 @@ class MoEConfig:
     gate: str | type = "topk"
     normalize_weights: bool = True
     gate_noise: float = 0.0
+    gate_options: dict = field(default_factory=dict)  # the gate's own options (num_groups, ...)
+    expert_options: dict = field(default_factory=dict)  # the expert form's (bias, limit, ...)
+    input_jitter: float = 0.0  # training: x *= U(1 - j, 1 + j) before routing (Mixtral)
+    shared_hidden_dim: int = 0  # hidden size of the shared experts' MLP; 0: none
+    shared_gate: bool = False  # scale the shared output by sigmoid(x @ w) (Qwen2-MoE)
     z_loss_weight: float = 0.0
     check_finite: bool = False  # scan the input for NaN/Inf every call (costs a reduction)
     allow_empty: bool = True  # False: a rank with no tokens is an error instead of a no-op
@@ -67,6 +73,11 @@ class MoEConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.shared_hidden_dim, int) or self.shared_hidden_dim < 0:
+            raise ConfigError(f"shared_hidden_dim must be an int >= 0, got "
+                              f"{self.shared_hidden_dim!r}")
+        if not 0 <= self.input_jitter < 1:
+            raise ConfigError(f"input_jitter must be in [0, 1), got {self.input_jitter}")
         if self.top_k > self.num_experts:
             raise ConfigError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         if self.num_experts % world_size:
@@ -83,9 +94,11 @@ class MoEConfig:
         (names and classes alike, defaults resolved); what the ranks agree on."""
         options = {name: canonical(getattr(self, name)) for name in (
             "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
-            "normalize_weights", "check_finite", "allow_empty", "verify")}
+            "normalize_weights", "check_finite", "allow_empty", "verify", "gate_options",
+            "expert_options", "shared_hidden_dim", "shared_gate")}
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
-                        for name in ("capacity_factor", "gate_noise", "z_loss_weight")})
+                        for name in ("capacity_factor", "gate_noise", "z_loss_weight",
+                                     "input_jitter")})
         options.update(expert=canonical(self.expert, "expert"), gate=canonical(self.gate, "gate"),
                        activation=canonical(activation_name(self.activation)),
                        a2a=canonical(self.a2a, "a2a"),
@@ -153,15 +166,22 @@ class MoELayer(nn.Module):
 
         self.gate = registry("gate").resolve(cfg.gate)(
             model_dim, num_experts, top_k, normalize_weights=cfg.normalize_weights,
-            noise_std=cfg.gate_noise)
+            noise_std=cfg.gate_noise, **cfg.gate_options)
         expert_seed = int(torch.randint(0, 2 ** 62, ())) + self.expert_offset
         gpus = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+        expert_cls = registry("expert").resolve(cfg.expert)
+        expert_args = dict(cfg.expert_options)
+        if cfg.activation is not None:
+            expert_args["activation"] = cfg.activation
         with torch.random.fork_rng(devices=gpus):  # every RNG the experts may draw from
             torch.manual_seed(expert_seed)
-            expert_args = {} if cfg.activation is None else {"activation": cfg.activation}
-            self.experts = registry("expert").resolve(cfg.expert)(
-                self.num_local_experts, model_dim, hidden_dim, **expert_args)
+            self.experts = expert_cls(self.num_local_experts, model_dim, hidden_dim,
+                                      **expert_args)
         mark_expert_parameters(self.experts)
+        # Shared experts are replicated like the gate: drawn from the global RNG.
+        self.shared = SharedExperts(expert_cls(1, model_dim, cfg.shared_hidden_dim,
+                                               **expert_args), cfg.shared_gate) \
+            if cfg.shared_hidden_dim else None
         local_size = default_local_size(self.group) if cfg.local_size is None else cfg.local_size
         self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, local_size)
         self.codecs = CodecSet.build(cfg.compressor, verify=cfg.verify)
@@ -183,6 +203,8 @@ class MoELayer(nn.Module):
         recompute = torch._C._current_graph_task_id() != -1
         device = next(self.parameters()).device
         timer = StepRecorder(device, trace=cfg.trace)
+        if cfg.input_jitter and self.training and isinstance(x, torch.Tensor):
+            x = x * torch.empty_like(x).uniform_(1 - cfg.input_jitter, 1 + cfg.input_jitter)
         local, routed = self._route(x, device, timer)
         guess = self._guess if self._can_guess() else None
         if guess is None:
@@ -210,6 +232,9 @@ class MoELayer(nn.Module):
         num_tokens, capacity = plan.kept_TK.shape[0], agreed.capacity
         with timer("decode"):
             y_TM = decode(y_WECM.view(cfg.num_experts, capacity, cfg.model_dim), plan, num_tokens)
+        if self.shared is not None:
+            with timer("shared"):
+                y_TM = y_TM + self.shared(x.reshape(-1, cfg.model_dim))
         aux = routing.balance_loss + cfg.z_loss_weight * routing.z_loss
         if not recompute:
             self.aux_loss = aux

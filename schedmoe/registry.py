@@ -128,7 +128,7 @@ _REGISTRIES = {
     "a2a": Registry("a2a", "schedmoe.a2a_algos.base:A2AAlgorithm"),
     "expert": Registry("expert", "schedmoe.ops.experts:Expert"),
     "scheduler": Registry("scheduler", "schedmoe.schedulers.base:Scheduler"),
-    "gate": Registry("gate", "schedmoe.router:Router"),
+    "gate": Registry("gate", "schedmoe.routers.base:Router"),
 }
 
 

@@ -15,7 +15,7 @@ import torch
 import schedmoe
 from schedmoe.errors import InputError, StepError
 from schedmoe.registry import register_gate
-from schedmoe.router import TopKRouter
+from schedmoe.routers import TopKRouter
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
 from schedmoe.testing import run_ranks
 

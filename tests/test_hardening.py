@@ -20,7 +20,7 @@ from schedmoe.errors import ConfigMismatchError, InputError, StepError
 from schedmoe.ops.codec_set import CodecSet, ErrorFeedback, make_codec
 from schedmoe.ops.compressor import CorruptPayloadError, SliceSpec, Wire
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
-from schedmoe.router import TopKRouter
+from schedmoe.routers import TopKRouter
 from schedmoe.registry import register_gate
 from schedmoe.testing import run_ranks
 

@@ -93,15 +93,50 @@ class FFNExpert(Expert):
 
 @register_expert("swiglu")
 class SwiGLUExpert(Expert):
-    """y = (act(x @ w1) * (x @ w3)) @ w2 per expert; the activation defaults to silu."""
+    """y = (act(x @ w1 + b1) * (x @ w3 + b3)) @ w2 + b2 per expert (Mixtral, Qwen-MoE, OLMoE,
+    DeepSeek-V3 without biases). w1 is the gate projection, w3 the up projection, stored
+    separately; `schedmoe.hf` splits a fused gate_up tensor into them. The activation defaults
+    to silu; `bias=True` adds b1, b3 and b2."""
 
     def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
-                 activation: str | Callable = "silu") -> None:
+                 activation: str | Callable = "silu", bias: bool = False) -> None:
         super().__init__(num_experts, model_dim, hidden_dim, activation)
         self.w1_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
         self.w3_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
         self.w2_EHM = _uniform(num_experts, hidden_dim, model_dim, fan_in=hidden_dim)
+        self.b1_EH = _uniform(num_experts, hidden_dim, fan_in=model_dim) if bias else None
+        self.b3_EH = _uniform(num_experts, hidden_dim, fan_in=model_dim) if bias else None
+        self.b2_EM = _uniform(num_experts, model_dim, fan_in=hidden_dim) if bias else None
 
     def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
-        h_ECH = self.activation(torch.bmm(x_ECM, self.w1_EMH)) * torch.bmm(x_ECM, self.w3_EMH)
-        return torch.bmm(h_ECH, self.w2_EHM)
+        gate_ECH = _linear(x_ECM, self.w1_EMH, self.b1_EH)
+        up_ECH = _linear(x_ECM, self.w3_EMH, self.b3_EH)
+        return _linear(self.glu(gate_ECH, up_ECH), self.w2_EHM, self.b2_EM)
+
+    def glu(self, gate_ECH: torch.Tensor, up_ECH: torch.Tensor) -> torch.Tensor:
+        return self.activation(gate_ECH) * up_ECH
+
+
+@register_expert("clamped_glu")
+class ClampedGLUExpert(SwiGLUExpert):
+    """GPT-OSS's expert: gate = (x @ w1 + b1).clamp(max=limit), up = (x @ w3 + b3).clamp(-limit,
+    limit), h = gate * sigmoid(alpha * gate) * (up + 1), y = h @ w2 + b2. Biases on by default.
+    (GPT-OSS stores gate and up interleaved in one tensor; `schedmoe.hf` de-interleaves.)"""
+
+    def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
+                 activation: str | Callable = "silu", bias: bool = True, alpha: float = 1.702,
+                 limit: float = 7.0) -> None:
+        super().__init__(num_experts, model_dim, hidden_dim, activation, bias)
+        self.alpha, self.limit = alpha, limit
+
+    def glu(self, gate_ECH: torch.Tensor, up_ECH: torch.Tensor) -> torch.Tensor:
+        gate_ECH = gate_ECH.clamp(max=self.limit)
+        up_ECH = up_ECH.clamp(-self.limit, self.limit)
+        return gate_ECH * torch.sigmoid(self.alpha * gate_ECH) * (up_ECH + 1)
+
+
+def _linear(x_ECI: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None) -> torch.Tensor:
+    """x @ w (+ b) per expert, as one batched GEMM."""
+    if b_EO is None:
+        return torch.bmm(x_ECI, w_EIO)
+    return torch.baddbmm(b_EO.unsqueeze(1), x_ECI, w_EIO)

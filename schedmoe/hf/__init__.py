@@ -1,0 +1,12 @@
+"""Hugging Face transformers integration: `convert(model)` swaps each sparse-MoE block of
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and GPT-OSS for an MoELayer with the same
+weights; `to_hf_state_dict(model)` gives the weights back in the original layout.
+
+Needs transformers (`pip install schedmoe[hf]`) only to build the models; this package does not
+import it.
+"""
+
+from .convert import HFMoEBlock, convert, to_hf_state_dict
+from .families import FAMILIES
+
+__all__ = ["convert", "to_hf_state_dict", "HFMoEBlock", "FAMILIES"]

@@ -1,0 +1,141 @@
+"""The transformers MoE blocks schedmoe converts, and how their weights map onto a layer.
+
+Legend: E experts (global), M model dim, I expert hidden dim (intermediate size), n local
+experts of one EP rank.
+
+Each family names its block class, where the router and the experts live in it, the layer
+options that reproduce its routing and expert maths, and its expert storage:
+- `gate_rows`: `gate_up_proj [E, 2I, M]`, gate rows first, `down_proj [E, M, I]` (Linear-style,
+  transposed relative to ours): Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3.
+- `interleaved`: `gate_up_proj [E, M, 2I]`, gate and up interleaved on the last dim (even: gate,
+  odd: up), with `gate_up_proj_bias [E, 2I]`; `down_proj [E, I, M]` and `down_proj_bias [E, M]`:
+  GPT-OSS.
+Shared experts are `*MLP` modules with `gate_proj`/`up_proj`/`down_proj` Linears (no bias), and
+Qwen2-MoE's `shared_expert_gate` is a `Linear(M, 1)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    block: str  # class name of the transformers sparse-MoE block
+    options: Callable[[nn.Module], dict]  # the MoELayer options that reproduce the block
+    layout: str = "gate_rows"  # expert storage, see the module docstring
+    router: str = "gate"  # attribute of the router module in the block
+    shared: str | None = None  # attribute of the shared-experts MLP
+    shared_gate: str | None = None  # attribute of the shared experts' sigmoid gate Linear
+    returns_scores: bool = False  # forward returns (hidden, router scores)
+    router_buffers: dict[str, str] = field(default_factory=dict)  # ours -> the router's
+
+
+def _softmax_topk(block: nn.Module, normalize: bool | None = None) -> dict:
+    router = block.gate
+    return {"gate": "topk", "top_k": router.top_k,
+            "normalize_weights": router.norm_topk_prob if normalize is None else normalize}
+
+
+def _swiglu(block: nn.Module) -> dict:
+    experts = block.experts
+    return {"expert": "swiglu", "hidden_dim": experts.intermediate_dim,
+            "num_experts": experts.num_experts, "activation": experts.act_fn}
+
+
+def _mixtral(block):
+    return {**_softmax_topk(block, normalize=True), **_swiglu(block),
+            "input_jitter": float(block.jitter_noise)}
+
+
+def _qwen_olmoe(block):
+    return {**_softmax_topk(block), **_swiglu(block)}
+
+
+def _qwen2(block):
+    shared = block.shared_expert
+    return {**_qwen_olmoe(block), "shared_hidden_dim": shared.intermediate_size,
+            "shared_gate": True}
+
+
+def _deepseek_v3(block):
+    router = block.gate
+    return {"gate": "sigmoid_grouped", "top_k": router.top_k,
+            "normalize_weights": router.norm_topk_prob,
+            "gate_options": {"num_groups": router.num_group, "topk_groups": router.topk_group,
+                             "scaling": float(router.routed_scaling_factor)},
+            **_swiglu(block), "shared_hidden_dim": block.shared_experts.intermediate_size}
+
+
+def _gpt_oss(block):
+    router, experts = block.router, block.experts
+    return {"gate": "topk_softmax", "top_k": router.top_k, "gate_options": {"bias": True},
+            "expert": "clamped_glu", "hidden_dim": experts.intermediate_size,
+            "num_experts": experts.num_experts,
+            "expert_options": {"alpha": float(experts.alpha), "limit": float(experts.limit)}}
+
+
+FAMILIES = {f.block: f for f in (
+    Family("mixtral", "MixtralSparseMoeBlock", _mixtral),
+    Family("qwen2_moe", "Qwen2MoeSparseMoeBlock", _qwen2, shared="shared_expert",
+           shared_gate="shared_expert_gate"),
+    Family("qwen3_moe", "Qwen3MoeSparseMoeBlock", _qwen_olmoe),
+    Family("olmoe", "OlmoeSparseMoeBlock", _qwen_olmoe),
+    Family("deepseek_v3", "DeepseekV3MoE", _deepseek_v3, shared="shared_experts",
+           router_buffers={"score_bias_E": "e_score_correction_bias"}),
+    Family("gpt_oss", "GptOssMLP", _gpt_oss, layout="interleaved", router="router",
+           returns_scores=True),
+)}
+
+
+def looks_like_moe(module: nn.Module) -> bool:
+    """A block with experts and a router: what `convert` must either know or refuse."""
+    return hasattr(module, "experts") and (hasattr(module, "gate") or hasattr(module, "router"))
+
+
+# -- expert weights: transformers' layout <-> ours -----------------------------------------------
+
+def expert_tensors(experts: nn.Module, layout: str, lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """Our expert parameters (w1/w3/w2 and biases) for experts [lo, hi) of a transformers
+    experts module."""
+    if layout == "gate_rows":
+        gate_up_EIM = experts.gate_up_proj[lo:hi]
+        inner = gate_up_EIM.shape[1] // 2
+        return {"w1_EMH": gate_up_EIM[:, :inner].transpose(1, 2),
+                "w3_EMH": gate_up_EIM[:, inner:].transpose(1, 2),
+                "w2_EHM": experts.down_proj[lo:hi].transpose(1, 2)}
+    gate_up_EMI = experts.gate_up_proj[lo:hi]
+    bias_EI = experts.gate_up_proj_bias[lo:hi]
+    return {"w1_EMH": gate_up_EMI[..., ::2], "w3_EMH": gate_up_EMI[..., 1::2],
+            "b1_EH": bias_EI[:, ::2], "b3_EH": bias_EI[:, 1::2],
+            "w2_EHM": experts.down_proj[lo:hi], "b2_EM": experts.down_proj_bias[lo:hi]}
+
+
+def hf_expert_tensors(ours: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """transformers' expert tensors (names under `experts.`) from ours for all E experts."""
+    if layout == "gate_rows":
+        gate_up = torch.cat([ours["w1_EMH"].transpose(1, 2), ours["w3_EMH"].transpose(1, 2)], 1)
+        return {"gate_up_proj": gate_up.contiguous(),
+                "down_proj": ours["w2_EHM"].transpose(1, 2).contiguous()}
+    gate_up = torch.stack([ours["w1_EMH"], ours["w3_EMH"]], dim=-1).flatten(-2)
+    bias = torch.stack([ours["b1_EH"], ours["b3_EH"]], dim=-1).flatten(-2)
+    return {"gate_up_proj": gate_up.contiguous(), "gate_up_proj_bias": bias.contiguous(),
+            "down_proj": ours["w2_EHM"].contiguous(), "down_proj_bias": ours["b2_EM"].contiguous()}
+
+
+def shared_tensors(mlp: nn.Module) -> dict[str, torch.Tensor]:
+    """Our one-expert MLP's parameters from a transformers `*MLP` (Linear weights are [out, in])."""
+    return {"w1_EMH": mlp.gate_proj.weight.t().unsqueeze(0),
+            "w3_EMH": mlp.up_proj.weight.t().unsqueeze(0),
+            "w2_EHM": mlp.down_proj.weight.t().unsqueeze(0)}
+
+
+def hf_shared_tensors(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"gate_proj.weight": ours["w1_EMH"][0].t().contiguous(),
+            "up_proj.weight": ours["w3_EMH"][0].t().contiguous(),
+            "down_proj.weight": ours["w2_EHM"][0].t().contiguous()}

@@ -1,0 +1,15 @@
+"""Routers ("gates"): which experts each token goes to, with what weight, and the aux losses.
+
+- `topk` (softmax.py): softmax over all experts, top-k, optional renormalisation (GShard,
+  Mixtral, Qwen-MoE, OLMoE).
+- `topk_softmax` (softmax.py): top-k of the logits, softmax over the k (GPT-OSS), router bias.
+- `sigmoid_grouped` (sigmoid.py): sigmoid scores, a selection-only bias, group-limited top-k and
+  a routed scaling factor (DeepSeek-V3).
+"""
+
+from .base import Router, Routing, balance_loss, z_loss
+from .sigmoid import GroupLimitedSigmoidRouter
+from .softmax import TopKRouter, TopKSoftmaxRouter
+
+__all__ = ["Router", "Routing", "balance_loss", "z_loss", "TopKRouter", "TopKSoftmaxRouter",
+           "GroupLimitedSigmoidRouter"]
