@@ -127,6 +127,18 @@ def test_converted_model_matches_the_original_on_several_ranks(family, world):
         _check(errors, f"{family} rank {rank}")
 
 
+@pytest.mark.parametrize("family,overrides", [
+    ("mixtral", {"num_experts_per_tok": 1}), ("qwen3_moe", {"norm_topk_prob": False}),
+    ("olmoe", {"num_experts_per_tok": 3}), ("gpt_oss", {"num_experts_per_tok": 1}),
+    ("deepseek_v3", {"n_group": 2, "topk_group": 1, "norm_topk_prob": False}),
+    ("qwen2_moe", {"num_experts_per_tok": 1, "norm_topk_prob": True})])
+def test_other_configurations_convert_exactly(family, overrides):
+    reference = tiny_model(family, seed=3, **overrides)
+    converted = hf.convert(copy.deepcopy(reference))
+    ids = token_ids(5)
+    assert _rel(converted(ids).logits, reference(ids).logits) < RTOL
+
+
 def test_trained_model_saves_into_plain_transformers(tmp_path):
     """One optimiser step on the converted model and on the original: the saved weights load
     into plain transformers and give the stepped original's logits."""

@@ -39,7 +39,8 @@ class Family:
 def _softmax_topk(block: nn.Module, normalize: bool | None = None) -> dict:
     router = block.gate
     return {"gate": "topk", "top_k": router.top_k,
-            "normalize_weights": router.norm_topk_prob if normalize is None else normalize}
+            "normalize_weights": router.norm_topk_prob if normalize is None else normalize,
+            "gate_options": {"normalize_single": True}}
 
 
 def _swiglu(block: nn.Module) -> dict:

@@ -17,16 +17,18 @@ class TopKRouter(Router):
     """Linear gate, softmax over all experts, top-k.
 
     normalize_weights: rescale the k chosen probabilities to sum to 1 (Mixtral always; Qwen-MoE
-    and OLMoE when `norm_topk_prob`).
+    and OLMoE when `norm_topk_prob`), for k > 1 only unless `normalize_single`: with k = 1
+    the weight would be 1 and the router would get no gradient from the task (Switch keeps p).
+    normalize_single: rescale for k = 1 too (transformers' Mixtral, Qwen-MoE and OLMoE do).
     noise_std: std of Gaussian noise added to the logits in training (exploration); 0 disables.
     bias: a learnt bias on the logits.
     """
 
     def __init__(self, model_dim: int, num_experts: int, top_k: int, *,
-                 normalize_weights: bool = True, noise_std: float = 0.0,
-                 bias: bool = False) -> None:
+                 normalize_weights: bool = True, noise_std: float = 0.0, bias: bool = False,
+                 normalize_single: bool = False) -> None:
         super().__init__(model_dim, num_experts, top_k, bias)
-        self.normalize_weights = normalize_weights
+        self.normalize_weights = normalize_weights and (top_k > 1 or normalize_single)
         self.noise_std = noise_std
 
     def forward(self, x_TM: torch.Tensor) -> Routing:
@@ -36,7 +38,7 @@ class TopKRouter(Router):
         probs_TE = torch.softmax(logits_TE, dim=-1)
         top_p_TK, expert_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         weight_TK = top_p_TK
-        if self.normalize_weights and self.top_k > 1:
+        if self.normalize_weights:
             weight_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True)
         return Routing(probs_TE, expert_TK, weight_TK,
                        balance_loss(probs_TE, expert_TK[:, 0]), z_loss(logits_TE))

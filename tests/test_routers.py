@@ -1,0 +1,184 @@
+"""Routers, expert forms and shared experts against references written out token by token."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import schedmoe
+from schedmoe.ops.experts import ClampedGLUExpert, SwiGLUExpert
+from schedmoe.ops.shared import SharedExperts
+from schedmoe.routers import GroupLimitedSigmoidRouter, TopKRouter, TopKSoftmaxRouter
+
+M, E = 6, 8
+
+
+def _x(tokens: int = 11, seed: int = 0) -> torch.Tensor:
+    return torch.randn(tokens, M, generator=torch.Generator().manual_seed(seed))
+
+
+def _randomise(module: torch.nn.Module, seed: int = 1) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        for name, b in module.named_buffers():
+            b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+
+
+def _as_dicts(routing) -> list[dict[int, float]]:
+    """Per token: chosen expert -> weight (the order of the k choices is not part of the
+    contract)."""
+    return [{int(e): float(w) for e, w in zip(es, ws)}
+            for es, ws in zip(routing.expert_TK, routing.weight_TK)]
+
+
+def _close(got: list[dict[int, float]], want: list[dict[int, float]]) -> None:
+    assert len(got) == len(want)
+    for t, (g, w) in enumerate(zip(got, want)):
+        assert set(g) == set(w), (t, g, w)
+        for e in w:
+            assert math.isclose(g[e], w[e], rel_tol=1e-5, abs_tol=1e-6), (t, e, g[e], w[e])
+
+
+def _logits(x, weight, bias=None):
+    return [[sum(float(x[t, m]) * float(weight[e, m]) for m in range(M))
+             + (float(bias[e]) if bias is not None else 0.0) for e in range(E)]
+            for t in range(x.shape[0])]
+
+
+def _top(values: list[float], k: int, allowed=None) -> list[int]:
+    order = [e for e in range(len(values)) if allowed is None or e in allowed]
+    return sorted(order, key=lambda e: -values[e])[:k]
+
+
+@pytest.mark.parametrize("k,normalize,bias,single", [
+    (2, True, False, False), (3, False, True, False), (1, True, False, False),
+    (1, True, False, True)])
+def test_softmax_then_topk(k, normalize, bias, single):
+    router = TopKRouter(M, E, k, normalize_weights=normalize, bias=bias, normalize_single=single)
+    _randomise(router)
+    x = _x()
+    want = []
+    for row in _logits(x, router.wg_EM, router.bias_E):
+        z = sum(math.exp(v) for v in row)
+        probs = [math.exp(v) / z for v in row]
+        chosen = _top(probs, k)
+        total = sum(probs[e] for e in chosen) if normalize and (k > 1 or single) else 1.0
+        want.append({e: probs[e] / total for e in chosen})
+    _close(_as_dicts(router(x)), want)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_topk_of_logits_then_softmax(k):
+    router = TopKSoftmaxRouter(M, E, k)
+    _randomise(router)
+    x = _x()
+    want = []
+    for row in _logits(x, router.wg_EM, router.bias_E):
+        chosen = _top(row, k)
+        z = sum(math.exp(row[e]) for e in chosen)
+        want.append({e: math.exp(row[e]) / z for e in chosen})
+    _close(_as_dicts(router(x)), want)
+
+
+@pytest.mark.parametrize("groups,keep,k,normalize,scaling", [
+    (1, 1, 2, True, 1.0), (4, 2, 3, True, 2.5), (4, 1, 2, False, 1.5), (2, 2, 4, True, 1.0)])
+def test_sigmoid_group_limited_with_selection_bias(groups, keep, k, normalize, scaling):
+    router = GroupLimitedSigmoidRouter(M, E, k, normalize_weights=normalize, num_groups=groups,
+                                       topk_groups=keep, scaling=scaling)
+    _randomise(router)
+    assert router.score_bias_E.abs().sum() > 0
+    x = _x()
+    per_group = E // groups
+    want = []
+    for row in _logits(x, router.wg_EM):
+        scores = [1 / (1 + math.exp(-v)) for v in row]
+        choice = [s + float(b) for s, b in zip(scores, router.score_bias_E)]
+        group_score = [sum(sorted(choice[g * per_group:(g + 1) * per_group])[-2:])
+                       for g in range(groups)]
+        kept = _top(group_score, keep) if groups > 1 else [0]
+        allowed = {e for g in kept for e in range(g * per_group, (g + 1) * per_group)}
+        chosen = _top(choice, k, allowed)
+        total = sum(scores[e] for e in chosen) + 1e-20 if normalize else 1.0
+        want.append({e: scores[e] / total * scaling for e in chosen})
+    _close(_as_dicts(router(x)), want)
+
+
+def test_group_limited_router_rejects_impossible_groups():
+    with pytest.raises(schedmoe.ConfigError, match="divide"):
+        GroupLimitedSigmoidRouter(M, E, 2, num_groups=3)
+    with pytest.raises(schedmoe.ConfigError, match="top_k"):
+        GroupLimitedSigmoidRouter(M, E, 5, num_groups=4, topk_groups=2)
+
+
+def _silu(v: float) -> float:
+    return v / (1 + math.exp(-v))
+
+
+def _expert_reference(expert, x, glu) -> torch.Tensor:
+    """y[e][t] by loops: h_j = glu(x . w1[:, j] + b1_j, x . w3[:, j] + b3_j), y = h . w2 + b2."""
+    num, tokens, _ = x.shape
+    hidden = expert.hidden_dim
+    out = torch.zeros(num, tokens, M)
+    for e in range(num):
+        for t in range(tokens):
+            h = []
+            for j in range(hidden):
+                gate = float(x[e, t] @ expert.w1_EMH[e, :, j])
+                up = float(x[e, t] @ expert.w3_EMH[e, :, j])
+                if expert.b1_EH is not None:
+                    gate, up = gate + float(expert.b1_EH[e, j]), up + float(expert.b3_EH[e, j])
+                h.append(glu(gate, up))
+            for m in range(M):
+                y = sum(h[j] * float(expert.w2_EHM[e, j, m]) for j in range(hidden))
+                out[e, t, m] = y + (float(expert.b2_EM[e, m]) if expert.b2_EM is not None else 0)
+    return out
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_expert(bias):
+    expert = SwiGLUExpert(3, M, 5, bias=bias)
+    x = torch.randn(3, 4, M, generator=torch.Generator().manual_seed(2))
+    want = _expert_reference(expert, x, lambda g, u: _silu(g) * u)
+    torch.testing.assert_close(expert(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_clamped_glu_expert():
+    expert = ClampedGLUExpert(2, M, 5, alpha=1.702, limit=1.5)
+    _randomise(expert)  # large enough values that both clamps bite
+    x = torch.randn(2, 4, M, generator=torch.Generator().manual_seed(3))
+
+    def glu(gate, up):
+        gate, up = min(gate, 1.5), max(-1.5, min(up, 1.5))
+        return gate / (1 + math.exp(-1.702 * gate)) * (up + 1)
+
+    torch.testing.assert_close(expert(x), _expert_reference(expert, x, glu), rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_shared_experts_with_sigmoid_gate():
+    shared = SharedExperts(SwiGLUExpert(1, M, 5), gate=True)
+    x = _x(5)
+    mlp = _expert_reference(shared.mlp, x.unsqueeze(0), lambda g, u: _silu(g) * u)[0]
+    scale = torch.tensor([1 / (1 + math.exp(-float(x[t] @ shared.gate_1M[0])))
+                          for t in range(5)])
+    torch.testing.assert_close(shared(x), mlp * scale.unsqueeze(1), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_adds_shared_experts_and_jitters_only_in_training():
+    torch.manual_seed(0)
+    layer = schedmoe.MoELayer(M, E, 5, 2, 0.0, expert="swiglu", shared_hidden_dim=7,
+                              input_jitter=0.1)
+    x = _x(9)
+    with torch.no_grad():
+        layer.eval()
+        y = layer(x)
+        shared = layer.shared(x)
+        layer.shared = None
+        routed = layer(x)
+        torch.testing.assert_close(y, routed + shared)
+        layer.train()
+        assert not torch.allclose(layer(x), routed)  # jitter changes the input in training
