@@ -32,6 +32,7 @@ from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
 from .ops.experts import activation_name, mark_expert_parameters
 from .ops.shared import SharedExperts
+from .routers.balance import BALANCE_LOSSES, balance_loss
 from .registry import registry
 from .schedulers.base import Scheduler, StepContext
 from .recorder import StepRecorder
@@ -58,6 +59,7 @@ class MoEConfig:
     normalize_weights: bool = True
     gate_noise: float = 0.0
     gate_options: dict = field(default_factory=dict)  # the gate's own options (num_groups, ...)
+    balance_loss: str = "gshard"  # "gshard", "topk", "sequence" or "global" (routers/balance.py)
     expert_options: dict = field(default_factory=dict)  # the expert form's (bias, limit, ...)
     input_jitter: float = 0.0  # training: x *= U(1 - j, 1 + j) before routing (Mixtral)
     shared_hidden_dim: int = 0  # hidden size of the shared experts' MLP; 0: none
@@ -88,6 +90,9 @@ class MoEConfig:
         if not math.isfinite(self.capacity_factor):
             raise ConfigError(f"capacity_factor must be finite, got {self.capacity_factor}")
         check_drop_policy(self.drop_policy)
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise ConfigError(f"balance_loss must be one of {BALANCE_LOSSES}, got "
+                              f"{self.balance_loss!r}")
 
     def canonical(self, local_size: int, codecs: CodecSet, scheduler: Scheduler) -> dict[str, str]:
         """Every option as a string that is equal on two ranks iff it means the same there
@@ -95,7 +100,7 @@ class MoEConfig:
         options = {name: canonical(getattr(self, name)) for name in (
             "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
             "normalize_weights", "check_finite", "allow_empty", "verify", "gate_options",
-            "expert_options", "shared_hidden_dim", "shared_gate")}
+            "expert_options", "shared_hidden_dim", "shared_gate", "balance_loss")}
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
                         for name in ("capacity_factor", "gate_noise", "z_loss_weight",
                                      "input_jitter")})
@@ -142,7 +147,8 @@ class MoELayer(nn.Module):
     """Mixture-of-experts layer with expert parallelism over `group`.
 
     `forward(x)` takes `[..., model_dim]` and returns the same shape; the aux loss is
-    `layer.aux_loss` and `y.l_aux` (GShard balance loss + z_loss_weight * z-loss).
+    `layer.aux_loss` and `y.l_aux` (the `balance_loss` form, GShard's by default, +
+    z_loss_weight * z-loss).
     Each rank owns experts `[rank * E/W, (rank + 1) * E/W)`; their parameters carry
     `param.expert = True` and `param.allreduce = False` for data-parallel wrappers.
 
@@ -235,7 +241,12 @@ class MoELayer(nn.Module):
         if self.shared is not None:
             with timer("shared"):
                 y_TM = y_TM + self.shared(x.reshape(-1, cfg.model_dim))
-        aux = routing.balance_loss + cfg.z_loss_weight * routing.z_loss
+        balance = routing.balance_loss
+        if balance is None:
+            sequences = x.shape[0] if x.dim() == 3 else 1
+            balance = balance_loss(cfg.balance_loss, routing.probs_TE, routing.expert_TK,
+                                   sequences, self.group.pg)
+        aux = balance + cfg.z_loss_weight * routing.z_loss
         if not recompute:
             self.aux_loss = aux
             self.last_stats = LayerStats(num_tokens, capacity, local.limit, plan.counts_E.tolist(),

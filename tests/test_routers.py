@@ -182,3 +182,98 @@ def test_layer_adds_shared_experts_and_jitters_only_in_training():
         torch.testing.assert_close(y, routed + shared)
         layer.train()
         assert not torch.allclose(layer(x), routed)  # jitter changes the input in training
+
+
+# -- balance losses and auxiliary-loss-free balancing ---------------------------------------
+
+def _loss_reference(probs, experts, first_only):
+    """E * sum_e mean_t probs[t][e] * (choices of e / all choices), by loops."""
+    tokens, num = len(probs), len(probs[0])
+    chosen = [row[:1] if first_only else row for row in experts]
+    total = sum(len(row) for row in chosen)
+    frac = [sum(row.count(e) for row in chosen) / total for e in range(num)]
+    return num * sum(sum(probs[t][e] for t in range(tokens)) / tokens * frac[e]
+                     for e in range(num))
+
+
+@pytest.mark.parametrize("kind", ["gshard", "topk", "sequence"])
+def test_balance_losses(kind):
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(12, E, generator=gen), -1)
+    experts = torch.topk(probs + 0.3 * torch.rand(12, E, generator=gen), 3).indices
+    got = schedmoe.routers.balance_loss(kind, probs, experts, sequences=3)
+    p, e = probs.tolist(), experts.tolist()
+    if kind == "sequence":
+        want = sum(_loss_reference(p[4 * s:4 * s + 4], e[4 * s:4 * s + 4], False)
+                   for s in range(3)) / 3
+    else:
+        want = _loss_reference(p, e, kind == "gshard")
+    assert math.isclose(float(got), want, rel_tol=1e-5)
+
+
+def global_loss(rank: int, world: int) -> tuple[float, float]:
+    gen = torch.Generator().manual_seed(rank)
+    probs = torch.softmax(torch.randn(10 + 3 * rank, E, generator=gen), -1)
+    experts = torch.topk(probs, 2).indices
+    got = schedmoe.routers.balance_loss("global", probs, experts,
+                                        group=torch.distributed.group.WORLD)
+    all_experts = [None] * world
+    torch.distributed.all_gather_object(all_experts, experts.tolist())
+    chosen = [c for rows in all_experts for row in rows for c in row]
+    frac = [chosen.count(e) / len(chosen) for e in range(E)]
+    want = E * sum(float(probs[:, e].mean()) * frac[e] for e in range(E))
+    return float(got), want
+
+
+def test_global_balance_loss_counts_every_ranks_choices():
+    from schedmoe.testing import run_ranks
+    for got, want in run_ranks(global_loss, 2, timeout=60):
+        assert math.isclose(got, want, rel_tol=1e-5)
+
+
+def test_layer_uses_the_configured_balance_loss():
+    torch.manual_seed(0)
+    x = _x(9).view(3, 3, M)
+    for kind in ("gshard", "topk", "sequence"):
+        torch.manual_seed(0)
+        layer = schedmoe.MoELayer(M, E, 5, 3, 0.0, balance_loss=kind)
+        y = layer(x)
+        routing = layer.gate(x.reshape(-1, M))
+        want = schedmoe.routers.balance_loss(kind, routing.probs_TE, routing.expert_TK, 3)
+        torch.testing.assert_close(y.l_aux, want)
+    with pytest.raises(schedmoe.ConfigError, match="balance_loss"):
+        schedmoe.MoELayer(M, E, 5, balance_loss="switchy")
+
+
+def test_aux_loss_free_balancing_settles_a_skewed_stream():
+    """DeepSeek-V3's update on a stream leaning towards three experts: the per-batch load's
+    max/mean falls below 1.2 and stays near it (experiments/aux_free_balance.py plots it)."""
+    torch.manual_seed(0)
+    router = GroupLimitedSigmoidRouter(32, 16, 2, num_groups=4, topk_groups=2,
+                                       bias_update_rate=0.002).train()
+    hot = router.wg_EM[:3].detach().sum(0)
+    gen = torch.Generator().manual_seed(1)
+    ratios = []
+    with torch.no_grad():
+        for _ in range(300):
+            router(torch.randn(4096, 32, generator=gen) + 1.5 * hot / hot.norm())
+            ratios.append(float(router.load_E.max() / router.load_E.mean()))
+            assert schedmoe.routers.update_balancing_biases(router) == 1
+            assert router.load_E.sum() == 0  # counts reset by the update
+    assert ratios[0] > 2.5
+    assert min(ratios[:150]) < 1.2
+    assert sorted(ratios[-100:])[50] < 1.2
+    assert "score_bias_E" in router.state_dict()  # checkpointed; the counts are not
+    assert "load_E" not in router.state_dict()
+
+
+def test_recompute_and_eval_do_not_count_load():
+    router = GroupLimitedSigmoidRouter(M, E, 2, bias_update_rate=0.01)
+    x = _x(6).requires_grad_()
+    router.eval()
+    router(x)
+    assert router.load_E.sum() == 0
+    router.train()
+    out = torch.utils.checkpoint.checkpoint(lambda t: router(t).weight_TK, x, use_reentrant=False)
+    out.sum().backward()  # the recompute inside backward routes again
+    assert router.load_E.sum() == 12

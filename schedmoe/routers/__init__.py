@@ -4,12 +4,14 @@
   Mixtral, Qwen-MoE, OLMoE).
 - `topk_softmax` (softmax.py): top-k of the logits, softmax over the k (GPT-OSS), router bias.
 - `sigmoid_grouped` (sigmoid.py): sigmoid scores, a selection-only bias, group-limited top-k and
-  a routed scaling factor (DeepSeek-V3).
+  a routed scaling factor (DeepSeek-V3), and auxiliary-loss-free balancing of that bias.
+- balance.py: the balance losses (GShard, top-k, sequence-wise, global-batch) the layer adds.
 """
 
-from .base import Router, Routing, balance_loss, z_loss
+from .balance import BALANCE_LOSSES, balance_loss, update_balancing_biases
+from .base import Router, Routing, z_loss
 from .sigmoid import GroupLimitedSigmoidRouter
 from .softmax import TopKRouter, TopKSoftmaxRouter
 
 __all__ = ["Router", "Routing", "balance_loss", "z_loss", "TopKRouter", "TopKSoftmaxRouter",
-           "GroupLimitedSigmoidRouter"]
+           "GroupLimitedSigmoidRouter", "BALANCE_LOSSES", "update_balancing_biases"]

@@ -21,8 +21,9 @@ class Routing:
     probs_TE: torch.Tensor  # fp32 per-expert probabilities (what the balance loss averages)
     expert_TK: torch.Tensor  # int64 chosen experts
     weight_TK: torch.Tensor  # fp32 combine weights of the chosen experts
-    balance_loss: torch.Tensor  # load-balancing loss (scalar)
     z_loss: torch.Tensor  # router z-loss, mean(logsumexp(logits)^2) (scalar)
+    # A custom router's own balance loss; None: the layer's `balance_loss` form (balance.py)
+    balance_loss: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -44,15 +45,6 @@ class Router(nn.Module):
         """fp32 logits [T, E]."""
         bias = None if self.bias_E is None else self.bias_E.float()
         return torch.nn.functional.linear(x_TM.float(), self.wg_EM.float(), bias)
-
-
-def balance_loss(probs_TE: torch.Tensor, top1_T: torch.Tensor) -> torch.Tensor:
-    """GShard: E * sum_e mean_prob(e) * fraction_of_top1(e); 1.0 when perfectly balanced."""
-    num_tokens, num_experts = probs_TE.shape
-    if num_tokens == 0:
-        return probs_TE.sum()  # zero, and still part of the graph
-    fraction_E = torch.bincount(top1_T, minlength=num_experts).float() / num_tokens
-    return num_experts * torch.sum(probs_TE.mean(dim=0) * fraction_E)
 
 
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

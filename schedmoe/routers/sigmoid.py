@@ -13,17 +13,19 @@ scores of the chosen experts, renormalised if `normalize_weights`, times `scalin
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..errors import ConfigError
 from ..registry import register_gate
-from .base import Router, Routing, balance_loss, z_loss
+from .base import Router, Routing, z_loss
 
 
 @register_gate("sigmoid_grouped")
 class GroupLimitedSigmoidRouter(Router):
     def __init__(self, model_dim: int, num_experts: int, top_k: int, *,
                  normalize_weights: bool = True, noise_std: float = 0.0, num_groups: int = 1,
-                 topk_groups: int = 1, scaling: float = 1.0, bias: bool = False) -> None:
+                 topk_groups: int = 1, scaling: float = 1.0, bias: bool = False,
+                 bias_update_rate: float = 0.0) -> None:
         super().__init__(model_dim, num_experts, top_k, bias)
         if num_groups < 1 or num_experts % num_groups:
             raise ConfigError(f"num_groups ({num_groups}) must divide num_experts ({num_experts})")
@@ -41,6 +43,19 @@ class GroupLimitedSigmoidRouter(Router):
         # Selection-only bias (DeepSeek-V3's e_score_correction_bias): a buffer, not learnt by
         # gradients; checkpointed with the model.
         self.register_buffer("score_bias_E", torch.zeros(num_experts, dtype=torch.float32))
+        # Auxiliary-loss-free balancing (balance.py): choices counted in training calls.
+        self.bias_update_rate = bias_update_rate
+        self.register_buffer("load_E", torch.zeros(num_experts), persistent=False)
+
+    @torch.no_grad()
+    def update_selection_bias(self, group: dist.ProcessGroup | None = None) -> None:
+        """bias += rate * sign(mean load - load), centred; counts summed over `group` first."""
+        load_E = self.load_E.clone()
+        if group is not None or (dist.is_available() and dist.is_initialized()):
+            dist.all_reduce(load_E, group=group)
+        delta_E = self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.score_bias_E += delta_E - delta_E.mean()
+        self.load_E.zero_()
 
     def forward(self, x_TM: torch.Tensor) -> Routing:
         logits_TE = self.logits(x_TM)
@@ -57,10 +72,12 @@ class GroupLimitedSigmoidRouter(Router):
             choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")) \
                 .view(num_tokens, -1)
         expert_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
+        if self.training and self.bias_update_rate > 0 and torch._C._current_graph_task_id() == -1:
+            # counted once per training call (not again in a checkpoint's recompute)
+            self.load_E += torch.bincount(expert_TK.reshape(-1), minlength=self.num_experts)
         weight_TK = scores_TE.gather(1, expert_TK)
         if self.normalize_weights:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         weight_TK = weight_TK * self.scaling
         probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-        return Routing(probs_TE, expert_TK, weight_TK,
-                       balance_loss(probs_TE, expert_TK[:, 0]), z_loss(logits_TE))
+        return Routing(probs_TE, expert_TK, weight_TK, z_loss(logits_TE))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..registry import register_gate
-from .base import Router, Routing, balance_loss, z_loss
+from .base import Router, Routing, z_loss
 
 
 @register_gate("topk")
@@ -40,8 +40,7 @@ class TopKRouter(Router):
         weight_TK = top_p_TK
         if self.normalize_weights:
             weight_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True)
-        return Routing(probs_TE, expert_TK, weight_TK,
-                       balance_loss(probs_TE, expert_TK[:, 0]), z_loss(logits_TE))
+        return Routing(probs_TE, expert_TK, weight_TK, z_loss(logits_TE))
 
 
 @register_gate("topk_softmax")
@@ -63,5 +62,4 @@ class TopKSoftmaxRouter(Router):
         top_logits_TK, expert_TK = torch.topk(logits_TE, self.top_k, dim=-1)
         weight_TK = torch.softmax(top_logits_TK, dim=-1)
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        return Routing(probs_TE, expert_TK, weight_TK,
-                       balance_loss(probs_TE, expert_TK[:, 0]), z_loss(logits_TE))
+        return Routing(probs_TE, expert_TK, weight_TK, z_loss(logits_TE))
