@@ -34,7 +34,7 @@ from .ops.experts import activation_name, mark_expert_parameters
 from .ops.shared import SharedExperts
 from .routers.balance import BALANCE_LOSSES, balance_loss
 from .registry import registry
-from .schedulers.base import Scheduler, StepContext
+from .schedulers.base import Scheduler, SharedWork, StepContext
 from .recorder import StepRecorder
 from .topology import default_local_size
 
@@ -238,9 +238,8 @@ class MoELayer(nn.Module):
         num_tokens, capacity = plan.kept_TK.shape[0], agreed.capacity
         with timer("decode"):
             y_TM = decode(y_WECM.view(cfg.num_experts, capacity, cfg.model_dim), plan, num_tokens)
-        if self.shared is not None:
-            with timer("shared"):
-                y_TM = y_TM + self.shared(x.reshape(-1, cfg.model_dim))
+        if ctx.shared is not None:  # run now unless the scheduler ran it during its exchanges
+            y_TM = y_TM + ctx.shared.run(timer)
         balance = routing.balance_loss
         if balance is None:
             sequences = x.shape[0] if x.dim() == 3 else 1
@@ -290,8 +289,10 @@ class MoELayer(nn.Module):
             # Another rank's input needs a gradient, so its dispatch is differentiated and the
             # backward exchange runs there: take part in it (the gradient here goes nowhere).
             x_ECM = x_ECM.detach().requires_grad_()
+        shared = None if self.shared is None or not fits else \
+            SharedWork(lambda: self.shared(x.reshape(-1, cfg.model_dim)))
         ctx = StepContext(self.experts, self.a2a, self.codecs, timer, recompute=recompute,
-                          rider=rider)
+                          rider=rider, shared=shared)
         x_WECM = x_ECM.view(self.group.size, self.num_local_experts, capacity, cfg.model_dim)
         y_WECM = self.scheduler.run(x_WECM, ctx)
         if rider is not None and rider.agreed is None:

@@ -75,9 +75,11 @@ class Timeline:
 
 
 def simulate(chunks: Sequence[dict[str, float]], stages: tuple[str, str, str] = FORWARD,
-             start: float = 0.0) -> Timeline:
+             start: float = 0.0, shared: float = 0.0) -> Timeline:
     """Timeline of the pipelined schedule; `chunks[i]` maps task names to seconds, with names
-    `{first}.compress|a2a|decompress`, `{expert}`, `{second}.compress|a2a|decompress`."""
+    `{first}.compress|a2a|decompress`, `{expert}`, `{second}.compress|a2a|decompress`.
+    `shared`: seconds of shared-expert work, run on the compute stream once every first
+    exchange is issued, while they are in flight (the pipelined schedule's forward order)."""
     first, expert, second = stages
     events: list[TraceEvent] = []
     compute, comm = start, start
@@ -93,6 +95,9 @@ def simulate(chunks: Sequence[dict[str, float]], stages: tuple[str, str, str] = 
         compute = run(f"{first}.compress", i, "compute", compute, compute)
         comm = run(f"{first}.a2a", i, "comm", compute, comm)
         first_done.append(comm)
+    if shared:
+        events.append(TraceEvent("shared", None, "compute", compute, compute + shared))
+        compute += shared
     for i in range(len(chunks)):
         compute = run(f"{first}.decompress", i, "compute", first_done[i], compute)
         compute = run(expert, i, "compute", compute, compute)

@@ -36,10 +36,10 @@ def _moe_blocks(model):
     return [(name, m) for name, m in model.named_modules() if type(m).__name__ in BLOCKS]
 
 
-def compare(rank: int, world: int, family: str) -> dict[str, float]:
+def compare(rank: int, world: int, family: str, scheduler="sequential") -> dict[str, float]:
     """Relative errors of the converted model against the reference, on this rank."""
     reference = tiny_model(family)
-    converted = hf.convert(copy.deepcopy(reference), scheduler="sequential")
+    converted = hf.convert(copy.deepcopy(reference), scheduler=scheduler)
     ids = token_ids(rank)
     errors = {"logits": _rel(converted(ids).logits, reference(ids).logits)}
 
@@ -119,12 +119,13 @@ def test_converted_model_matches_the_original_on_one_rank(family):
     _check(compare(0, 1, family), family)
 
 
-@pytest.mark.parametrize("family,world", [
-    ("mixtral", 2), ("qwen2_moe", 2), ("qwen3_moe", 2), ("olmoe", 2), ("deepseek_v3", 2),
-    ("gpt_oss", 2), ("deepseek_v3", 4), ("qwen2_moe", 4), ("gpt_oss", 4)])
-def test_converted_model_matches_the_original_on_several_ranks(family, world):
-    for rank, errors in enumerate(run_ranks(compare, world, family, timeout=300)):
-        _check(errors, f"{family} rank {rank}")
+@pytest.mark.parametrize("family,world,scheduler", [
+    ("mixtral", 2, "sequential"), ("qwen2_moe", 2, "pipeline"), ("qwen3_moe", 2, "sequential"),
+    ("olmoe", 2, "sequential"), ("deepseek_v3", 2, "adaptive"), ("gpt_oss", 2, "sequential"),
+    ("deepseek_v3", 4, "pipeline"), ("qwen2_moe", 4, "sequential"), ("gpt_oss", 4, "pipeline")])
+def test_converted_model_matches_the_original_on_several_ranks(family, world, scheduler):
+    for rank, errors in enumerate(run_ranks(compare, world, family, scheduler, timeout=300)):
+        _check(errors, f"{family} {scheduler} rank {rank}")
 
 
 @pytest.mark.parametrize("family,overrides", [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -34,6 +35,13 @@ class StepContext:
     notes: dict = field(default_factory=dict)  # what the scheduler decided, for last_stats
     recompute: bool = False  # an activation checkpoint's recompute: repeat the last decision
     rider: Rider | None = None  # the agreement record, carried by the call's first dispatch
+    shared: "SharedWork | None" = None  # the shared experts' work on this rank's tokens
+
+    def run_shared(self) -> None:
+        """Run the shared experts now, if any and not yet run (a scheduler calls this while
+        its exchanges are in flight; otherwise the layer does after the combine)."""
+        if self.shared is not None:
+            self.shared.run(self.rec)
 
     def dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Tokens to the ranks owning their experts."""
@@ -62,6 +70,21 @@ class StepContext:
             dtype = next(self.experts.parameters(), x_EXM).dtype
             y_EXM = self.experts(x_EXM.to(dtype)).to(recv_WECM.dtype)
             return y_EXM.view(experts, world, capacity, model_dim).transpose(0, 1).contiguous()
+
+
+class SharedWork:
+    """The shared experts of one call: run once, by the scheduler or the layer, whichever asks
+    first (copies of a StepContext share it)."""
+
+    def __init__(self, fn: Callable[[], torch.Tensor]) -> None:
+        self._fn = fn
+        self.out: torch.Tensor | None = None
+
+    def run(self, rec: StepRecorder) -> torch.Tensor:
+        if self.out is None:
+            with rec("shared"):
+                self.out = self._fn()
+        return self.out
 
 
 class Scheduler(ABC):

@@ -4,7 +4,8 @@ Legend: W ranks, E local experts, C capacity, M model dim; chunk i holds capacit
 [lo_i, hi_i) of every expert (r chunks as even as possible; a C that r does not divide gives
 chunks one slot apart).
 
-Forward, compute order: C1^1..C1^r | D1^1 E^1 C2^1 | ... | D1^r E^r C2^r | D2^1..D2^r. Each A2A is
+Forward, compute order: C1^1..C1^r | S | D1^1 E^1 C2^1 | ... | D1^r E^r C2^r | D2^1..D2^r, S being the
+shared experts (if any; ordinary autograd, outside the region). Each A2A is
 issued as soon as its input is compressed (async handle), so every dispatch A2A is issued before
 any combine A2A and chunk i's exchanges overlap chunk i-1's expert work.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..exchange import start_send
+from ..exchange import PendingSend, start_send
 from ..registry import register_scheduler
 from .base import Scheduler, StepContext
 
@@ -36,13 +37,18 @@ def chunk_bounds(capacity: int, degree: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def pipelined_forward(x_WECM: torch.Tensor, step: StepContext, degree: int, graph: bool
+def start_dispatches(x_WECM: torch.Tensor, step: StepContext, degree: int) -> list[PendingSend]:
+    """Compress and issue every chunk's dispatch (C1^1..C1^r), in order."""
+    return [step.start_dispatch(x_WECM[:, :, lo:hi].contiguous(), i)
+            for i, (lo, hi) in enumerate(chunk_bounds(x_WECM.shape[2], degree))]
+
+
+def pipelined_forward(x_WECM: torch.Tensor, step: StepContext, degree: int, graph: bool,
+                      dispatches: list[PendingSend]
                       ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """The forward order. With `graph`, each chunk's experts build their own graph from a leaf
-    holding the received tokens; returns (y_WECM, the leaves, the chunk outputs)."""
-    bounds = chunk_bounds(x_WECM.shape[2], degree)
-    dispatches = [step.start_dispatch(x_WECM[:, :, lo:hi].contiguous(), i)
-                  for i, (lo, hi) in enumerate(bounds)]
+    """The forward order after the dispatches were issued. With `graph`, each chunk's experts
+    build their own graph from a leaf holding the received tokens; returns (y_WECM, the
+    leaves, the chunk outputs)."""
     leaves, outs, combines = [], [], []
     for i, pending in enumerate(dispatches):
         received = pending.wait()
@@ -64,8 +70,8 @@ class _PipelinedRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_WECM, step: StepContext, degree: int,  # type: ignore[override]
-                *expert_params):
-        y_WECM, leaves, outs = pipelined_forward(x_WECM, step, degree, graph=True)
+                dispatches: list[PendingSend], *expert_params):
+        y_WECM, leaves, outs = pipelined_forward(x_WECM, step, degree, True, dispatches)
         ctx.step, ctx.bounds = step, chunk_bounds(x_WECM.shape[2], degree)
         ctx.save_for_backward(*leaves, *outs)
         return y_WECM
@@ -75,7 +81,7 @@ class _PipelinedRegion(torch.autograd.Function):
         step, chunks = ctx.step, len(ctx.bounds)
         saved = ctx.saved_tensors
         leaves, outs = saved[:chunks], saved[chunks:]
-        params = [p for p, needed in zip(step.experts.parameters(), ctx.needs_input_grad[3:])
+        params = [p for p, needed in zip(step.experts.parameters(), ctx.needs_input_grad[4:])
                   if needed]
         grads = [start_send(grad_WECM[:, :, lo:hi].contiguous(), step.a2a,
                             step.codecs.stream("combine_grad", i), step.rec, "combine.bwd", i)
@@ -97,8 +103,8 @@ class _PipelinedRegion(torch.autograd.Function):
                                    step.rec, "dispatch.bwd", i))
         grad_x = torch.cat([pending.wait() for pending in back], dim=2)
         it = iter(param_grads)
-        return (grad_x, None, None) + tuple(
-            next(it) if needed else None for needed in ctx.needs_input_grad[3:])
+        return (grad_x, None, None, None) + tuple(
+            next(it) if needed else None for needed in ctx.needs_input_grad[4:])
 
 
 @register_scheduler("pipeline")
@@ -119,8 +125,10 @@ class PipelineScheduler(Scheduler):
         params = list(ctx.experts.parameters())
         differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
             x_WECM.requires_grad or any(p.requires_grad for p in params))
+        dispatches = start_dispatches(x_WECM, ctx, self.degree)
+        ctx.run_shared()  # the shared experts overlap the dispatches in flight
         if not differentiable:  # no_grad / inference: no graph anywhere
-            return pipelined_forward(x_WECM, ctx, self.degree, graph=False)[0]
+            return pipelined_forward(x_WECM, ctx, self.degree, False, dispatches)[0]
         # The expert parameters are inputs so that the region is differentiated even when the
         # tokens need no gradient.
-        return _PipelinedRegion.apply(x_WECM, ctx, self.degree, *params)
+        return _PipelinedRegion.apply(x_WECM, ctx, self.degree, dispatches, *params)
