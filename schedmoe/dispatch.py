@@ -46,21 +46,24 @@ def locate(expert_TK: torch.Tensor, num_experts: int,
     """Slot of every (token, choice) in its expert's buffer, and tokens per expert.
 
     Choice k of every token comes before choice k+1 of any token; within a choice, tokens go in
-    `priority_T` order (descending) if given, else in position order.
+    `priority_T` order (descending) if given, else in position order. One stable sort of the
+    T*K pairs by expert: O(T*K + E) memory (no [K, T, E] one-hot).
     """
     num_tokens, top_k = expert_TK.shape
-    order_T = None
+    order_T = torch.arange(num_tokens, device=expert_TK.device)
     if priority_T is not None:
         order_T = torch.argsort(priority_T, descending=True, stable=True)
-        expert_TK = expert_TK[order_T]
-    onehot_KTE = torch.nn.functional.one_hot(expert_TK.t(), num_experts)
-    rank_KTE = torch.cumsum(onehot_KTE.reshape(top_k * num_tokens, num_experts), dim=0)
-    rank_KTE = rank_KTE.reshape(top_k, num_tokens, num_experts)
-    slot_TK = (rank_KTE.gather(2, expert_TK.t().unsqueeze(2)).squeeze(2) - 1).t()
-    if order_T is not None:
-        slot_TK = torch.empty_like(slot_TK).index_copy_(0, order_T, slot_TK)
-    counts_E = onehot_KTE.sum(dim=(0, 1))
-    return slot_TK.contiguous(), counts_E
+    # Pairs in priority order: choice-major, then tokens in `order_T`; flat index k * T + t.
+    pair_P = (torch.arange(top_k, device=expert_TK.device).unsqueeze(1) * num_tokens
+              + order_T.unsqueeze(0)).reshape(-1)
+    expert_P = expert_TK.t().reshape(-1)[pair_P]
+    by_expert_P = torch.argsort(expert_P, stable=True)
+    counts_E = torch.bincount(expert_P, minlength=num_experts)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    sorted_expert_P = expert_P[by_expert_P]
+    slot_P = torch.arange(pair_P.numel(), device=expert_TK.device) - start_E[sorted_expert_P]
+    slot_KT = torch.empty_like(slot_P).index_copy_(0, pair_P[by_expert_P], slot_P)
+    return slot_KT.view(top_k, num_tokens).t().contiguous(), counts_E
 
 
 @dataclass

@@ -318,3 +318,19 @@ def test_simulator_places_shared_work_while_the_first_exchanges_fly():
     shared = [e for e in with_shared.events if e.task == "shared"][0]
     assert shared.start == 2.0  # after both compressions, while the A2As run
     assert with_shared.makespan < plain.makespan + 3.0  # hidden in part behind the exchanges
+
+
+def test_slot_assignment_scales_without_a_one_hot():
+    """65,536 tokens x 8 choices over 1,024 experts: a [K, T, E] one-hot would need 4 GiB;
+    the sort-based assignment needs O(T*K + E). Slots are dense per expert, in priority order."""
+    from schedmoe.dispatch import locate
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, k, experts = 65536, 8, 1024
+    expert_TK = torch.randint(0, experts, (tokens, k), generator=gen)
+    slot_TK, counts_E = locate(expert_TK, experts)
+    assert int(counts_E.sum()) == tokens * k
+    flat_e, flat_s = expert_TK.t().reshape(-1), slot_TK.t().reshape(-1)  # priority order
+    for e in (0, 17, 1023):
+        slots = flat_s[flat_e == e]
+        assert torch.equal(slots, torch.arange(int(counts_E[e])))
