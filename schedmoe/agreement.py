@@ -150,6 +150,7 @@ class LocalStep:
     limit: int = 0  # this rank's capacity limit
     layout: int = 0  # hash of the token -> slot layout (only when error feedback needs it)
     error: BaseException | None = None  # a local failure (problem FAILED)
+    counts: list[int] | None = None  # ragged dropless: rows this rank sends to each expert
 
     def record(self) -> list[int]:
         dtype = dtype_code(getattr(torch, self.dtype)) if self.dtype != "-" else 0
@@ -169,6 +170,7 @@ class Agreed:
     input_grad: bool  # some rank's input needs a gradient
     layouts: tuple[int, ...]  # every rank's layout hash
     dtype: str = "-"  # the input dtype, the same on every rank
+    counts_WE: torch.Tensor | None = None  # ragged: rows each rank sends to each expert
 
     def same_call(self, other: "Agreed | None") -> bool:
         """Whether a call agreeing `other` exchanges the same shapes as this one."""
@@ -234,12 +236,24 @@ class Agreement:
         self.group = group
         self.options = options
         self._options_crc = zlib.crc32(repr(sorted(options.items())).encode()) & 0x7FFFFFFF
+        self._verified = False  # a call has agreed: every rank's options are the same
 
-    def agree(self, local: LocalStep, device: torch.device) -> Agreed:
-        """Swap the records; raise the same typed error on every rank if anything is wrong."""
-        record_WF = all_gather_ints([self._options_crc, *local.record()], self.group, device,
+    def agree(self, local: LocalStep, device: torch.device,
+              counts: list[int] | None = None) -> Agreed:
+        """Swap the records; raise the same typed error on every rank if anything is wrong.
+        `counts` (ragged dropless: rows for each expert) ride in the same record once the
+        options are known to agree (records of one length on every rank); before that, in a
+        second all-gather."""
+        ride = counts is not None and self._verified
+        record = [self._options_crc, *local.record(), *(counts if ride else [])]
+        record_WF = all_gather_ints(record, self.group, device,
                                     "the per-call agreement of MoELayer")
-        return self.conclude(record_WF, local)
+        agreed = self.conclude(record_WF[:, :1 + len(_COLUMNS)], local)
+        self._verified = True
+        if counts is not None:
+            agreed.counts_WE = record_WF[:, 1 + len(_COLUMNS):] if ride else all_gather_ints(
+                counts, self.group, device, "the split-size exchange of MoELayer")
+        return agreed
 
     def rider(self, local: LocalStep, guess: Agreed) -> Rider:
         """This call's record, to ride on the first dispatch sent under `guess`."""

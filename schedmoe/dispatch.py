@@ -71,13 +71,14 @@ class DispatchPlan:
     """Where each kept (token, choice) goes in the `[E, C, M]` buffer, and what was dropped."""
 
     num_experts: int
-    capacity: int  # C of the buffer: the largest limit over the group
+    capacity: int  # C of the buffer: the largest limit over the group (0 if ragged)
     kept_TK: torch.Tensor  # bool: did (token, choice) get a slot
     token_N: torch.Tensor  # token index of each kept pair (N kept pairs)
-    slot_N: torch.Tensor  # flat index expert * C + slot of each kept pair
+    slot_N: torch.Tensor  # flat index expert * C + slot of each kept pair (ragged: its row)
     weight_N: torch.Tensor  # combine weight of each kept pair (differentiable)
     counts_E: torch.Tensor  # pairs routed to each expert, before dropping
     dropped_E: torch.Tensor  # pairs dropped at each expert
+    ragged: bool = False  # rows [N, M] in pair order instead of a padded [E, C, M] buffer
 
     @property
     def kept(self) -> int:
@@ -103,8 +104,29 @@ def make_plan(expert_TK: torch.Tensor, weight_TK: torch.Tensor, slot_TK: torch.T
                         dropped_E)
 
 
+def make_ragged_plan(expert_TK: torch.Tensor, weight_TK: torch.Tensor, slot_TK: torch.Tensor,
+                     counts_E: torch.Tensor, limit: int) -> DispatchPlan:
+    """Dropless without padding: the kept pairs ordered by (expert, slot), that is by
+    destination rank, then expert, then priority; row n of the `[N, M]` buffer is pair n."""
+    num_experts = counts_E.numel()
+    kept_TK = slot_TK < limit
+    # one sort key per pair: expert-major, then slot (unique per expert)
+    key_TK = expert_TK * (slot_TK.numel() + 1) + slot_TK
+    pairs_N = kept_TK.reshape(-1).nonzero()[:, 0]
+    pairs_N = pairs_N[torch.argsort(key_TK.reshape(-1)[pairs_N])]
+    top_k = expert_TK.shape[1]
+    expert_N = expert_TK.reshape(-1)[pairs_N]
+    dropped_E = counts_E - torch.bincount(expert_N, minlength=num_experts)
+    return DispatchPlan(num_experts, 0, kept_TK, pairs_N // top_k,
+                        torch.arange(pairs_N.numel(), device=pairs_N.device),
+                        weight_TK.reshape(-1)[pairs_N], counts_E, dropped_E, ragged=True)
+
+
 def encode(x_TM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """Scatter the kept tokens into a zero-padded `[E, C, M]` buffer."""
+    """Scatter the kept tokens into a zero-padded `[E, C, M]` buffer (ragged: gather them into
+    `[N, M]` rows in the plan's order)."""
+    if plan.ragged:
+        return x_TM.index_select(0, plan.token_N)
     model_dim = x_TM.shape[-1]
     buf = x_TM.new_zeros(plan.num_experts * plan.capacity, model_dim)
     buf = buf.index_copy(0, plan.slot_N, x_TM.index_select(0, plan.token_N))
@@ -114,7 +136,7 @@ def encode(x_TM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 def decode(y_ECM: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
     """Sum each token's expert outputs weighted by its gate; dropped pairs add nothing."""
     model_dim = y_ECM.shape[-1]
-    y_NM = y_ECM.reshape(-1, model_dim).index_select(0, plan.slot_N)
+    y_NM = y_ECM if plan.ragged else y_ECM.reshape(-1, model_dim).index_select(0, plan.slot_N)
     y_NM = y_NM * plan.weight_N.unsqueeze(1).to(y_NM.dtype)
     return y_NM.new_zeros(num_tokens, model_dim).index_add(0, plan.token_N, y_NM)
 

@@ -12,6 +12,8 @@ is decompressed.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .a2a_algos.base import A2AAlgorithm
@@ -20,14 +22,17 @@ from .ops.compressor import Compressor, SliceSpec, Wire
 from .recorder import StepRecorder
 
 
+Splits = tuple[list[int], list[int]]  # ragged: rows sent to each rank, rows received from each
+
+
 class PendingSend:
     """An exchange in flight: `wait()` finishes the A2A and decompresses."""
 
-    def __init__(self, handle, recv_sizes: list[int], codec: Compressor, spec: SliceSpec,
-                 rec: StepRecorder, name: str, chunk: int | None, issued: float,
-                 rider: Rider | None = None) -> None:
-        self._handle, self._recv_sizes, self._codec = handle, recv_sizes, codec
-        self._spec, self._rec, self._name, self._chunk, self._issued = spec, rec, name, chunk, issued
+    def __init__(self, handle, recv_sizes: list[int],
+                 decode: Callable[[torch.Tensor, list[int]], torch.Tensor], rec: StepRecorder,
+                 name: str, chunk: int | None, issued: float, rider: Rider | None = None) -> None:
+        self._handle, self._recv_sizes, self._decode = handle, recv_sizes, decode
+        self._rec, self._name, self._chunk, self._issued = rec, name, chunk, issued
         self._rider = rider
 
     def wait(self) -> torch.Tensor:
@@ -37,13 +42,18 @@ class PendingSend:
             with self._rec("agree"):  # raises on every rank alike if the records disagree
                 data, sizes = self._rider.detach(data, sizes)
         with self._rec(self._name + ".decompress", self._chunk):
-            return self._codec.decompress(Wire(data, sizes), self._spec)
+            return self._decode(data, sizes)
 
 
 def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
-               name: str, chunk: int | None = None, rider: Rider | None = None) -> PendingSend:
+               name: str, chunk: int | None = None, rider: Rider | None = None,
+               splits: Splits | None = None) -> PendingSend:
     """Compress slice p of `x_P` for rank p and issue the exchange without waiting for it.
-    A data-dependent codec's slice sizes are exchanged first (blocking, a few bytes)."""
+    A data-dependent codec's slice sizes are exchanged first (blocking, a few bytes).
+    With `splits` (a ragged layout), `x_P` is `[N, ...]` rows and slice p is the next
+    `splits[0][p]` of them; `splits[1][p]` rows arrive from rank p."""
+    if splits is not None:
+        return _start_ragged(x_P, a2a, codec, rec, name, chunk, splits)
     spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
     with rec(name + ".compress", chunk):
         wire = codec.compress(x_P)
@@ -58,31 +68,63 @@ def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: Ste
         recv_sizes = a2a.exchange(sizes_P).tolist()
         handle = a2a.start(wire.data, recv_sizes, wire.sizes)
     rec.count_bytes(name, x_P.numel() * x_P.element_size(), wire.data.numel())
-    return PendingSend(handle, recv_sizes, codec, spec, rec, name, chunk, issued, rider)
+    return PendingSend(handle, recv_sizes,
+                       lambda data, sizes: codec.decompress(Wire(data, sizes), spec),
+                       rec, name, chunk, issued, rider)
+
+
+def _start_ragged(x_NM: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
+                  name: str, chunk: int | None, splits: Splits) -> PendingSend:
+    """Each rank's rows compressed as a slice of its own; the receiver knows the byte sizes
+    from the rows it expects (fixed-size codecs) or they are exchanged first (zstd)."""
+    send_rows, recv_rows = splits
+    row_shape = tuple(x_NM.shape[1:])
+    with rec(name + ".compress", chunk):
+        wires = [codec.compress(piece.unsqueeze(0)) for piece in torch.split(x_NM, send_rows)]
+        data = torch.cat([wire.data for wire in wires])
+        sizes = [wire.sizes[0] for wire in wires]
+    issued = rec.now()
+    specs = [SliceSpec((rows, *row_shape), x_NM.dtype) for rows in recv_rows]
+    recv_sizes = [codec.wire_bytes(spec) for spec in specs]
+    if any(size is None for size in recv_sizes):
+        sizes_P = torch.tensor(sizes, dtype=torch.int64, device=data.device)
+        recv_sizes = a2a.exchange(sizes_P).tolist()
+    handle = a2a.start(data, recv_sizes, sizes)
+    rec.count_bytes(name, x_NM.numel() * x_NM.element_size(), data.numel())
+
+    def decode(received: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        pieces = [codec.decompress(Wire(piece, [size]), spec)[0] for piece, size, spec
+                  in zip(torch.split(received, sizes), sizes, specs)]
+        return torch.cat(pieces) if pieces else x_NM.new_zeros(0, *row_shape)
+
+    return PendingSend(handle, recv_sizes, decode, rec, name, chunk, issued)
 
 
 def send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
-         name: str, chunk: int | None = None, rider: Rider | None = None) -> torch.Tensor:
+         name: str, chunk: int | None = None, rider: Rider | None = None,
+         splits: Splits | None = None) -> torch.Tensor:
     """Slice p of `x_P` to rank p; returns the slices received, by source rank."""
-    return start_send(x_P, a2a, codec, rec, name, chunk, rider).wait()
+    return start_send(x_P, a2a, codec, rec, name, chunk, rider, splits).wait()
 
 
 class _Exchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_P, a2a, codec, grad_codec, rec, name, chunk,  # type: ignore[override]
-                rider):
+                rider, splits):
         ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name, ctx.chunk = a2a, grad_codec, rec, name, chunk
-        return send(x_P, a2a, codec, rec, name, chunk, rider)
+        ctx.splits = splits
+        return send(x_P, a2a, codec, rec, name, chunk, rider, splits)
 
     @staticmethod
     def backward(ctx, grad_P):  # type: ignore[override]
+        back = None if ctx.splits is None else (ctx.splits[1], ctx.splits[0])
         grad = send(grad_P.contiguous(), ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name + ".bwd",
-                    ctx.chunk)
-        return grad, None, None, None, None, None, None, None
+                    ctx.chunk, splits=back)
+        return grad, None, None, None, None, None, None, None, None
 
 
 def exchange(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, grad_codec: Compressor,
              rec: StepRecorder, name: str, chunk: int | None = None,
-             rider: Rider | None = None) -> torch.Tensor:
-    """Differentiable `send`; the gradient travels back with `grad_codec`."""
-    return _Exchange.apply(x_P, a2a, codec, grad_codec, rec, name, chunk, rider)
+             rider: Rider | None = None, splits: Splits | None = None) -> torch.Tensor:
+    """Differentiable `send`; the gradient travels back with `grad_codec` (reversed splits)."""
+    return _Exchange.apply(x_P, a2a, codec, grad_codec, rec, name, chunk, rider, splits)

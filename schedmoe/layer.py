@@ -26,7 +26,8 @@ from .agreement import (BAD_DEVICE, BAD_DTYPE, BAD_SHAPE, EMPTY, FAILED, NON_FIN
                         canonical)
 from .distributed import EPGroup
 from .dispatch import (DispatchPlan, capacity_limit, check_drop_policy, decode, encode,
-                       layout_hash, locate, make_plan)
+                       layout_hash, locate, make_plan, make_ragged_plan)
+from .layout import PaddedLayout, RaggedLayout
 from .errors import ConfigError
 from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
@@ -215,7 +216,7 @@ class MoELayer(nn.Module):
         guess = self._guess if self._can_guess() else None
         if guess is None:
             with timer("agree"):
-                agreed = self._agreement.agree(local, device)
+                agreed = self._agreement.agree(local, device, local.counts)
             if self.codecs.uses_feedback:
                 self.codecs.observe_layout((agreed.capacity, agreed.layouts))
             plan, y_WECM, ctx = self._exchange(x, local, routed, agreed, timer, recompute)
@@ -237,7 +238,9 @@ class MoELayer(nn.Module):
         routing = routed[0]
         num_tokens, capacity = plan.kept_TK.shape[0], agreed.capacity
         with timer("decode"):
-            y_TM = decode(y_WECM.view(cfg.num_experts, capacity, cfg.model_dim), plan, num_tokens)
+            y_flat = y_WECM if plan.ragged else y_WECM.view(cfg.num_experts, capacity,
+                                                            cfg.model_dim)
+            y_TM = decode(y_flat, plan, num_tokens)
         if ctx.shared is not None:  # run now unless the scheduler ran it during its exchanges
             y_TM = y_TM + ctx.shared.run(timer)
         balance = routing.balance_loss
@@ -276,8 +279,12 @@ class MoELayer(nn.Module):
         if fits:
             x_TM = x.reshape(-1, cfg.model_dim)
             with timer("encode"):
-                plan = make_plan(routing.expert_TK, routing.weight_TK, slot_TK, counts_E,
-                                 local.limit, capacity)
+                if agreed.counts_WE is not None:  # dropless: ragged rows, nothing padded
+                    plan = make_ragged_plan(routing.expert_TK, routing.weight_TK, slot_TK,
+                                            counts_E, local.limit)
+                else:
+                    plan = make_plan(routing.expert_TK, routing.weight_TK, slot_TK, counts_E,
+                                     local.limit, capacity)
                 x_ECM = encode(x_TM, plan)
         elif rider is not None:
             plan, x_ECM = None, torch.zeros(cfg.num_experts, capacity, cfg.model_dim,
@@ -291,9 +298,17 @@ class MoELayer(nn.Module):
             x_ECM = x_ECM.detach().requires_grad_()
         shared = None if self.shared is None or not fits else \
             SharedWork(lambda: self.shared(x.reshape(-1, cfg.model_dim)))
-        ctx = StepContext(self.experts, self.a2a, self.codecs, timer, recompute=recompute,
-                          rider=rider, shared=shared)
-        x_WECM = x_ECM.view(self.group.size, self.num_local_experts, capacity, cfg.model_dim)
+        world, local_experts = self.group.size, self.num_local_experts
+        if agreed.counts_WE is not None:
+            lo = self.expert_offset
+            layout = RaggedLayout(torch.tensor(local.counts).view(world, local_experts),
+                                  agreed.counts_WE[:, lo:lo + local_experts], capacity)
+            x_WECM = x_ECM
+        else:
+            layout = PaddedLayout(capacity)
+            x_WECM = x_ECM.view(world, local_experts, capacity, cfg.model_dim)
+        ctx = StepContext(self.experts, self.a2a, self.codecs, timer, layout,
+                          recompute=recompute, rider=rider, shared=shared)
         y_WECM = self.scheduler.run(x_WECM, ctx)
         if rider is not None and rider.agreed is None:
             raise ConfigError(f"{self.scheduler.describe()} sets carries_agreement but sent no "
@@ -308,6 +323,8 @@ class MoELayer(nn.Module):
         failure is recorded for the agreement, which raises it on every rank."""
         cfg = self.config
         local = self._check_input(x, device)
+        if cfg.capacity_factor <= 0:
+            local.counts = [0] * cfg.num_experts
         if local.problem != OK:
             return local, (None, None, None)
         try:
@@ -325,6 +342,8 @@ class MoELayer(nn.Module):
                                              cfg.num_experts, needed)
                 if self.codecs.uses_feedback:
                     local.layout = layout_hash(routing.expert_TK, slot_TK, local.limit)
+                if cfg.capacity_factor <= 0:  # the ragged exchange's split sizes (host sync)
+                    local.counts = counts_E.clamp(max=local.limit).tolist()
         except Exception as exc:  # reported to every rank by the agreement, raised there
             local.problem, local.error = FAILED, exc
             return local, (None, None, None)

@@ -184,7 +184,7 @@ def codec_effect(cluster: Cluster, codec: str, workload: Workload) -> tuple[floa
 def chunk_costs(workload: Workload, cluster: Cluster, algorithm: str, codec: str,
                 degree: int, backward: bool = False) -> list[dict[str, float]]:
     """Seconds of every task of every chunk, from the cluster's parameters."""
-    from .schedulers.pipeline import chunk_bounds
+    from .schedulers.base import chunk_bounds
 
     local_experts = workload.num_experts // cluster.world
     ratio, codec_s = codec_effect(cluster, codec, workload)

@@ -8,7 +8,7 @@ import torch
 import schedmoe
 from schedmoe.errors import ConfigError
 from schedmoe.schedulers import PipelineScheduler
-from schedmoe.schedulers.pipeline import chunk_bounds
+from schedmoe.schedulers.base import chunk_bounds
 from schedmoe.testing import run_ranks
 
 M, E, H = 16, 8, 24

@@ -70,6 +70,10 @@ class Checksummed(Compressor):
     def describe(self) -> str:
         return self.inner.describe() + "+verify"
 
+    def wire_bytes(self, spec: SliceSpec) -> int | None:
+        inner = self.inner.wire_bytes(spec)
+        return None if inner is None else pad_to_align(inner) + TRAILER_BYTES
+
     def compress(self, x_P: torch.Tensor) -> Wire:
         wire = self.inner.compress(x_P)
         P = len(wire.sizes)

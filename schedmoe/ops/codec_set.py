@@ -61,6 +61,9 @@ class ErrorFeedback(Compressor):
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         return self.inner.decompress(wire, spec)
 
+    def wire_bytes(self, spec: SliceSpec) -> int | None:
+        return self.inner.wire_bytes(spec)
+
     def reset(self) -> None:
         self.residual = None
 

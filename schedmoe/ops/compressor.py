@@ -138,6 +138,11 @@ class Compressor(ABC):
         """Name and settings; must be equal on every rank that exchanges with this codec."""
         return type(self).__name__
 
+    def wire_bytes(self, spec: SliceSpec) -> int | None:
+        """Bytes of one slice of `spec` on the wire, or None if they depend on the data (then
+        ragged exchanges swap the sizes first)."""
+        return None
+
     @abstractmethod
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         """The `[len(wire.sizes), *spec.shape]` tensor of dtype `spec.dtype` in `wire`.
@@ -156,6 +161,9 @@ class NoCompression(Compressor):
         P = x_P.shape[0]
         data = reinterpret(x_P, torch.uint8, -1)
         return Wire(data, [data.numel() // P if P else 0] * P)
+
+    def wire_bytes(self, spec: SliceSpec) -> int:
+        return spec.nbytes
 
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         check_sizes(wire, "uncompressed payload", spec.nbytes)
@@ -179,6 +187,9 @@ class FixedSizeCodec(Compressor):
     @abstractmethod
     def decode_body(self, body_PB: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
         """float [P, R, C] from the bodies (body_PB may carry trailing padding)."""
+
+    def wire_bytes(self, spec: SliceSpec) -> int:
+        return HEADER_BYTES + pad_to_align(self.body_bytes(spec))
 
     def compress(self, x_P: torch.Tensor) -> Wire:
         P = x_P.shape[0]

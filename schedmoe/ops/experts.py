@@ -68,6 +68,22 @@ class Expert(nn.Module):
         self.hidden_dim = hidden_dim
         self.activation = resolve_activation(activation)
 
+    def forward_ragged(self, x_RM: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """The experts on rows grouped by expert (`counts[e]` rows for expert e, in order), for
+        dropless dispatch without padding: one 2-D GEMM chain per expert where the form
+        defines `one(e, x_CM)` (on our CPUs ~7% faster than `bmm` over a padded buffer),
+        else the rows padded to the largest group and `forward`."""
+        pieces = torch.split(x_RM, counts)
+        one = getattr(self, "one", None)
+        if one is not None:
+            outs = [one(e, piece) for e, piece in enumerate(pieces) if piece.shape[0]]
+            return torch.cat(outs) if outs else x_RM.new_zeros(0, self.model_dim)
+        widest = max(counts, default=0)
+        padded_ECM = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, widest - p.shape[0]))
+                                  for p in pieces])
+        y_ECM = self(padded_ECM)
+        return torch.cat([y_ECM[e, :n] for e, n in enumerate(counts)])
+
 
 def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
     bound = 1.0 / math.sqrt(fan_in)
@@ -89,6 +105,10 @@ class FFNExpert(Expert):
     def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
         h_ECH = self.activation(torch.baddbmm(self.b1_EH.unsqueeze(1), x_ECM, self.w1_EMH))
         return torch.baddbmm(self.b2_EM.unsqueeze(1), h_ECH, self.w2_EHM)
+
+    def one(self, e: int, x_CM: torch.Tensor) -> torch.Tensor:
+        h_CH = self.activation(torch.addmm(self.b1_EH[e], x_CM, self.w1_EMH[e]))
+        return torch.addmm(self.b2_EM[e], h_CH, self.w2_EHM[e])
 
 
 @register_expert("swiglu")
@@ -112,6 +132,13 @@ class SwiGLUExpert(Expert):
         gate_ECH = _linear(x_ECM, self.w1_EMH, self.b1_EH)
         up_ECH = _linear(x_ECM, self.w3_EMH, self.b3_EH)
         return _linear(self.glu(gate_ECH, up_ECH), self.w2_EHM, self.b2_EM)
+
+    def one(self, e: int, x_CM: torch.Tensor) -> torch.Tensor:
+        def linear(x, w_EIO, b_EO):
+            return x @ w_EIO[e] if b_EO is None else torch.addmm(b_EO[e], x, w_EIO[e])
+        h_CH = self.glu(linear(x_CM, self.w1_EMH, self.b1_EH), linear(x_CM, self.w3_EMH,
+                                                                       self.b3_EH))
+        return linear(h_CH, self.w2_EHM, self.b2_EM)
 
     def glu(self, gate_ECH: torch.Tensor, up_ECH: torch.Tensor) -> torch.Tensor:
         return self.activation(gate_ECH) * up_ECH

@@ -49,8 +49,8 @@ from ..errors import ConfigError
 from ..ops.codec_set import CodecSet, make_codec
 from ..registry import register_scheduler, registry
 from ..simulator import BACKWARD, FORWARD, CostModel, simulate
-from .base import Scheduler, StepContext
-from .pipeline import PipelineScheduler, chunk_bounds
+from .base import Scheduler, StepContext, chunk_bounds
+from .pipeline import PipelineScheduler
 from .sequential import SequentialScheduler
 
 PROFILE_DEGREES = (1, 4)
@@ -59,11 +59,10 @@ MAX_DECISIONS = 256  # decisions kept in `decisions`
 HYSTERESIS = 0.25  # of a bucket: how far past its edges a capacity still counts as in it
 
 
-def chunk_bytes(shape_WECM: tuple[int, ...], itemsize: int, degree: int) -> list[float]:
+def chunk_bytes(x_WECM: torch.Tensor, ctx: StepContext, degree: int) -> list[float]:
     """Payload bytes n of each of the `degree` chunks that split capacity."""
-    world, experts, capacity, model_dim = shape_WECM
-    return [world * experts * (hi - lo) * model_dim * itemsize
-            for lo, hi in chunk_bounds(capacity, degree)]
+    return [ctx.layout.chunk_bytes(tuple(x_WECM.shape), x_WECM.element_size(), lo, hi)
+            for lo, hi in chunk_bounds(ctx.layout.capacity, degree)]
 
 
 @dataclass
@@ -170,7 +169,7 @@ class AdaptiveScheduler(Scheduler):
         """Keep a profiled step's op intervals: they become samples at the next call."""
         if ctx.rec.events is None:
             ctx.rec.events = []
-        self._pending.append((decision, ctx.rec, x_WECM.shape, x_WECM.element_size()))
+        self._pending.append((decision, ctx.rec, chunk_bytes(x_WECM, ctx, decision.degree)))
 
     def _time_last_step(self) -> None:
         """The time since the last call is the last step's; it belongs to the last decision."""
@@ -214,10 +213,10 @@ class AdaptiveScheduler(Scheduler):
     def _profile(x_WECM: torch.Tensor, step: StepContext, degree: int) -> torch.Tensor:
         """Chunked but not overlapped: each exchange completes before the next op starts."""
         outs = []
-        for i, (lo, hi) in enumerate(chunk_bounds(x_WECM.shape[2], degree)):
-            received = step.dispatch(x_WECM[:, :, lo:hi].contiguous(), chunk=i)
+        for i in range(len(step.chunks(degree))):
+            received = step.dispatch(step.slice(x_WECM, i), chunk=i)
             outs.append(step.combine(step.run_experts(received, chunk=i), chunk=i))
-        return torch.cat(outs, dim=2)
+        return step.cat(outs)
 
     # -- learning ------------------------------------------------------------------------------
 
@@ -235,8 +234,7 @@ class AdaptiveScheduler(Scheduler):
 
     def _harvest(self) -> None:
         """Turn the op intervals of finished profiling steps into samples."""
-        for decision, rec, shape, itemsize in self._pending:
-            sizes = chunk_bytes(shape, itemsize, decision.degree)
+        for decision, rec, sizes in self._pending:
             codec, a2a = decision.codec, f"a2a:{decision.algorithm}:{decision.codec}"
             region_s = 0.0
             for e in rec.events or []:
@@ -276,7 +274,7 @@ class AdaptiveScheduler(Scheduler):
     def _choose(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
         """The decision for this call: the one in force, a remembered winner, a trial, or the
         winner of the trials just run."""
-        bucket = self._bucket_for(x_WECM.shape[2])
+        bucket = self._bucket_for(ctx.layout.capacity)
         changed, self._bucket = bucket != self._bucket, bucket
         fresh_models = self.decisions[-1].reason == "profile"
         if self._running is not None and not changed and not fresh_models:
@@ -334,7 +332,7 @@ class AdaptiveScheduler(Scheduler):
         outside = 1e-3 * median(self._outside_ms) if self._outside_ms else 0.0
         predicted = []
         for a, c, r in candidates:
-            sizes = chunk_bytes(x_WECM.shape, x_WECM.element_size(), r)
+            sizes = chunk_bytes(x_WECM, ctx, r)
             forward, step = self._predict(models, sizes, a, c)
             predicted.append((forward, step + outside))
         # The step is as slow as the slowest rank; maxing makes every rank rank alike.

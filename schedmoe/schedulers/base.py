@@ -18,7 +18,8 @@ import torch
 
 from ..a2a_algos.base import A2AAlgorithm
 from ..agreement import Rider
-from ..exchange import PendingSend, exchange, start_send
+from ..exchange import PendingSend, Splits, exchange, start_send
+from ..layout import PaddedLayout, RaggedLayout
 from ..ops.codec_set import CodecSet
 from ..ops.experts import Expert
 from ..recorder import StepRecorder
@@ -26,16 +27,45 @@ from ..recorder import StepRecorder
 
 @dataclass
 class StepContext:
-    """The ops a scheduler orchestrates for one layer call."""
+    """The ops a scheduler orchestrates for one layer call. `layout` says how the rows are laid
+    out (layout.py): schedules chunk through `chunks`, `slice` and `cat`, never by indexing, so
+    that the same schedule runs padded and ragged batches."""
 
     experts: Expert
     a2a: A2AAlgorithm
     codecs: CodecSet
     rec: StepRecorder
+    layout: PaddedLayout | RaggedLayout
     notes: dict = field(default_factory=dict)  # what the scheduler decided, for last_stats
     recompute: bool = False  # an activation checkpoint's recompute: repeat the last decision
     rider: Rider | None = None  # the agreement record, carried by the call's first dispatch
     shared: "SharedWork | None" = None  # the shared experts' work on this rank's tokens
+    bounds: dict = field(default_factory=dict)  # chunk -> its slots [lo, hi), see `chunks`
+
+    def chunks(self, degree: int) -> list[tuple[int, int]]:
+        """Split the capacity into `degree` chunks (fewer if C is smaller); chunk i is slots
+        [lo, hi) of every segment. Later calls with `chunk=i` refer to these bounds."""
+        bounds = chunk_bounds(self.layout.capacity, degree)
+        self.bounds.clear()  # in place: copies of this context (adaptive) see them too
+        self.bounds.update(enumerate(bounds))
+        return bounds
+
+    def slice(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Chunk `chunk` of a tensor laid out like the layer's tokens (the send side)."""
+        return self.layout.slice(x, *self.bounds[chunk])
+
+    def cat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The send-side tensor from one part per chunk, in chunk order (inverse of `slice`)."""
+        return self.layout.cat(parts, [self.bounds[i] for i in range(len(parts))])
+
+    def splits(self, chunk: int | None, towards_experts: bool) -> Splits | None:
+        """Ragged row counts of chunk `chunk`'s exchange (None when padded): towards the
+        experts (dispatch, combine's gradient) or back (combine, dispatch's gradient)."""
+        if not self.layout.ragged:
+            return None
+        lo, hi = (0, self.layout.capacity) if chunk is None else self.bounds[chunk]
+        send, recv = self.layout.rows(lo, hi, "send"), self.layout.rows(lo, hi, "recv")
+        return (send, recv) if towards_experts else (recv, send)
 
     def run_shared(self) -> None:
         """Run the shared experts now, if any and not yet run (a scheduler calls this while
@@ -47,12 +77,12 @@ class StepContext:
         """Tokens to the ranks owning their experts."""
         return exchange(x_WECM, self.a2a, self.codecs.stream("dispatch", chunk),
                         self.codecs.stream("dispatch_grad", chunk), self.rec, "dispatch", chunk,
-                        self._ride())
+                        self._ride(), self.splits(chunk, True))
 
     def start_dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> PendingSend:
         """`dispatch` without waiting (no autograd: for schedules with their own backward)."""
         return start_send(x_WECM, self.a2a, self.codecs.stream("dispatch", chunk), self.rec,
-                          "dispatch", chunk, self._ride())
+                          "dispatch", chunk, self._ride(), self.splits(chunk, True))
 
     def _ride(self) -> Rider | None:
         return None if self.rider is None else self.rider.claim()
@@ -60,16 +90,44 @@ class StepContext:
     def combine(self, y_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Expert outputs back to the ranks that own the tokens."""
         return exchange(y_WECM, self.a2a, self.codecs.stream("combine", chunk),
-                        self.codecs.stream("combine_grad", chunk), self.rec, "combine", chunk)
+                        self.codecs.stream("combine_grad", chunk), self.rec, "combine", chunk,
+                        splits=self.splits(chunk, False))
 
     def run_experts(self, recv_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Local experts over every source rank's tokens; same layout in and out."""
+        dtype = next(self.experts.parameters(), recv_WECM).dtype
+        if self.layout.ragged:
+            lo, hi = (0, self.layout.capacity) if chunk is None else self.bounds[chunk]
+            perm_R, counts = self.layout.expert_order(lo, hi)
+            perm_R = perm_R.to(recv_WECM.device)
+            with self.rec("experts", chunk):
+                y_RM = self.experts.forward_ragged(recv_WECM.index_select(0, perm_R).to(dtype),
+                                                   counts).to(recv_WECM.dtype)
+                if y_RM.shape[0] == 0:
+                    # No rows here, some elsewhere: the output must still hang off the input
+                    # and the experts' parameters, so that autograd runs this rank's side of
+                    # the backward exchanges like every other rank's.
+                    y_RM = y_RM + sum((p.reshape(-1)[:1].sum() * 0
+                                       for p in self.experts.parameters()),
+                                      recv_WECM.sum() * 0)
+                return torch.empty_like(y_RM).index_copy(0, perm_R, y_RM)
         world, experts, capacity, model_dim = recv_WECM.shape
         with self.rec("experts", chunk):
             x_EXM = recv_WECM.transpose(0, 1).reshape(experts, world * capacity, model_dim)
-            dtype = next(self.experts.parameters(), x_EXM).dtype
             y_EXM = self.experts(x_EXM.to(dtype)).to(recv_WECM.dtype)
             return y_EXM.view(experts, world, capacity, model_dim).transpose(0, 1).contiguous()
+
+
+def chunk_bounds(capacity: int, degree: int) -> list[tuple[int, int]]:
+    """[lo, hi) capacity slots of each chunk; at most `capacity` chunks (one if C == 0)."""
+    parts = max(1, min(degree, capacity))
+    base, extra = divmod(capacity, parts)
+    bounds, lo = [], 0
+    for i in range(parts):
+        hi = lo + base + (1 if i < extra else 0)
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
 
 
 class SharedWork:

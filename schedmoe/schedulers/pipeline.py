@@ -25,22 +25,10 @@ from ..registry import register_scheduler
 from .base import Scheduler, StepContext
 
 
-def chunk_bounds(capacity: int, degree: int) -> list[tuple[int, int]]:
-    """[lo, hi) capacity slots of each chunk; at most `capacity` chunks (one if C == 0)."""
-    parts = max(1, min(degree, capacity))
-    base, extra = divmod(capacity, parts)
-    bounds, lo = [], 0
-    for i in range(parts):
-        hi = lo + base + (1 if i < extra else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
-
-
 def start_dispatches(x_WECM: torch.Tensor, step: StepContext, degree: int) -> list[PendingSend]:
     """Compress and issue every chunk's dispatch (C1^1..C1^r), in order."""
-    return [step.start_dispatch(x_WECM[:, :, lo:hi].contiguous(), i)
-            for i, (lo, hi) in enumerate(chunk_bounds(x_WECM.shape[2], degree))]
+    return [step.start_dispatch(step.slice(x_WECM, i), i)
+            for i in range(len(step.chunks(degree)))]
 
 
 def pipelined_forward(x_WECM: torch.Tensor, step: StepContext, degree: int, graph: bool,
@@ -58,8 +46,8 @@ def pipelined_forward(x_WECM: torch.Tensor, step: StepContext, degree: int, grap
         leaves.append(x_in)
         outs.append(y)
         combines.append(start_send(y.detach(), step.a2a, step.codecs.stream("combine", i),
-                                   step.rec, "combine", i))
-    return torch.cat([pending.wait() for pending in combines], dim=2), leaves, outs
+                                   step.rec, "combine", i, splits=step.splits(i, False)))
+    return step.cat([pending.wait() for pending in combines]), leaves, outs
 
 
 class _PipelinedRegion(torch.autograd.Function):
@@ -72,20 +60,23 @@ class _PipelinedRegion(torch.autograd.Function):
     def forward(ctx, x_WECM, step: StepContext, degree: int,  # type: ignore[override]
                 dispatches: list[PendingSend], *expert_params):
         y_WECM, leaves, outs = pipelined_forward(x_WECM, step, degree, True, dispatches)
-        ctx.step, ctx.bounds = step, chunk_bounds(x_WECM.shape[2], degree)
+        ctx.step, ctx.bounds = step, dict(step.bounds)
         ctx.save_for_backward(*leaves, *outs)
         return y_WECM
 
     @staticmethod
     def backward(ctx, grad_WECM):  # type: ignore[override]
         step, chunks = ctx.step, len(ctx.bounds)
+        step.bounds.clear()  # the forward's chunks
+        step.bounds.update(ctx.bounds)
         saved = ctx.saved_tensors
         leaves, outs = saved[:chunks], saved[chunks:]
         params = [p for p, needed in zip(step.experts.parameters(), ctx.needs_input_grad[4:])
                   if needed]
-        grads = [start_send(grad_WECM[:, :, lo:hi].contiguous(), step.a2a,
-                            step.codecs.stream("combine_grad", i), step.rec, "combine.bwd", i)
-                 for i, (lo, hi) in enumerate(ctx.bounds)]
+        grads = [start_send(step.slice(grad_WECM, i), step.a2a,
+                            step.codecs.stream("combine_grad", i), step.rec, "combine.bwd", i,
+                            splits=step.splits(i, True))
+                 for i in range(chunks)]
         back, param_grads = [], [None] * len(params)
         for i, pending in enumerate(grads):
             grad_y = pending.wait()
@@ -100,8 +91,8 @@ class _PipelinedRegion(torch.autograd.Function):
                     param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
             # Sent even when the tokens need no gradient: every rank runs the same exchanges.
             back.append(start_send(grad_in, step.a2a, step.codecs.stream("dispatch_grad", i),
-                                   step.rec, "dispatch.bwd", i))
-        grad_x = torch.cat([pending.wait() for pending in back], dim=2)
+                                   step.rec, "dispatch.bwd", i, splits=step.splits(i, False)))
+        grad_x = step.cat([pending.wait() for pending in back])
         it = iter(param_grads)
         return (grad_x, None, None, None) + tuple(
             next(it) if needed else None for needed in ctx.needs_input_grad[4:])
