@@ -49,6 +49,7 @@ class MoEConfig:
     hidden_dim: int
     top_k: int = 2
     capacity_factor: float = 1.0
+    ragged: bool = True  # dropless (cf <= 0) without padding; False pads to the busiest expert
     drop_policy: str = "position"
     expert: str | type = "ffn"
     activation: str | Callable | None = None  # None: the expert's default
@@ -100,7 +101,7 @@ class MoEConfig:
         (names and classes alike, defaults resolved); what the ranks agree on."""
         options = {name: canonical(getattr(self, name)) for name in (
             "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
-            "normalize_weights", "check_finite", "allow_empty", "verify", "gate_options",
+            "normalize_weights", "check_finite", "allow_empty", "verify", "gate_options", "ragged",
             "expert_options", "shared_hidden_dim", "shared_gate", "balance_loss")}
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
                         for name in ("capacity_factor", "gate_noise", "z_loss_weight",
@@ -323,7 +324,7 @@ class MoELayer(nn.Module):
         failure is recorded for the agreement, which raises it on every rank."""
         cfg = self.config
         local = self._check_input(x, device)
-        if cfg.capacity_factor <= 0:
+        if cfg.capacity_factor <= 0 and cfg.ragged:
             local.counts = [0] * cfg.num_experts
         if local.problem != OK:
             return local, (None, None, None)
@@ -342,7 +343,7 @@ class MoELayer(nn.Module):
                                              cfg.num_experts, needed)
                 if self.codecs.uses_feedback:
                     local.layout = layout_hash(routing.expert_TK, slot_TK, local.limit)
-                if cfg.capacity_factor <= 0:  # the ragged exchange's split sizes (host sync)
+                if local.counts is not None:  # the ragged exchange's split sizes (host sync)
                     local.counts = counts_E.clamp(max=local.limit).tolist()
         except Exception as exc:  # reported to every rank by the agreement, raised there
             local.problem, local.error = FAILED, exc
