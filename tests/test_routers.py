@@ -334,3 +334,20 @@ def test_slot_assignment_scales_without_a_one_hot():
     for e in (0, 17, 1023):
         slots = flat_s[flat_e == e]
         assert torch.equal(slots, torch.arange(int(counts_E[e])))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_swiglu_storage_is_the_same_function(bias):
+    apart = SwiGLUExpert(3, M, 5, bias=bias)
+    fused = SwiGLUExpert(3, M, 5, bias=bias, fused=True)
+    with torch.no_grad():
+        fused.w13_EM2H.copy_(torch.cat([apart.w1_EMH, apart.w3_EMH], dim=2))
+        fused.w2_EHM.copy_(apart.w2_EHM)
+        if bias:
+            fused.b13_E2H.copy_(torch.cat([apart.b1_EH, apart.b3_EH], dim=1))
+            fused.b2_EM.copy_(apart.b2_EM)
+    x = torch.randn(3, 4, M, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(fused(x), apart(x))
+    rows = x.reshape(12, M)
+    torch.testing.assert_close(fused.forward_ragged(rows, [5, 0, 7]),
+                               apart.forward_ragged(rows, [5, 0, 7]))

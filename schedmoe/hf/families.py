@@ -6,7 +6,8 @@ experts of one EP rank.
 Each family names its block class, where the router and the experts live in it, the layer
 options that reproduce its routing and expert maths, and its expert storage:
 - `gate_rows`: `gate_up_proj [E, 2I, M]`, gate rows first, `down_proj [E, M, I]` (Linear-style,
-  transposed relative to ours): Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3.
+  transposed relative to ours): Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3; loaded into the fused
+  SwiGLU storage (`w13_EM2H`, one GEMM for gate and up).
 - `interleaved`: `gate_up_proj [E, M, 2I]`, gate and up interleaved on the last dim (even: gate,
   odd: up), with `gate_up_proj_bias [E, 2I]`; `down_proj [E, I, M]` and `down_proj_bias [E, M]`:
   GPT-OSS.
@@ -46,7 +47,8 @@ def _softmax_topk(block: nn.Module, normalize: bool | None = None) -> dict:
 def _swiglu(block: nn.Module) -> dict:
     experts = block.experts
     return {"expert": "swiglu", "hidden_dim": experts.intermediate_dim,
-            "num_experts": experts.num_experts, "activation": experts.act_fn}
+            "num_experts": experts.num_experts, "activation": experts.act_fn,
+            "expert_options": {"fused": True}}
 
 
 def _mixtral(block):
@@ -104,11 +106,8 @@ def looks_like_moe(module: nn.Module) -> bool:
 def expert_tensors(experts: nn.Module, layout: str, lo: int, hi: int) -> dict[str, torch.Tensor]:
     """Our expert parameters (w1/w3/w2 and biases) for experts [lo, hi) of a transformers
     experts module."""
-    if layout == "gate_rows":
-        gate_up_EIM = experts.gate_up_proj[lo:hi]
-        inner = gate_up_EIM.shape[1] // 2
-        return {"w1_EMH": gate_up_EIM[:, :inner].transpose(1, 2),
-                "w3_EMH": gate_up_EIM[:, inner:].transpose(1, 2),
+    if layout == "gate_rows":  # into the fused SwiGLU storage: one GEMM for gate and up
+        return {"w13_EM2H": experts.gate_up_proj[lo:hi].transpose(1, 2),
                 "w2_EHM": experts.down_proj[lo:hi].transpose(1, 2)}
     gate_up_EMI = experts.gate_up_proj[lo:hi]
     bias_EI = experts.gate_up_proj_bias[lo:hi]
@@ -120,8 +119,7 @@ def expert_tensors(experts: nn.Module, layout: str, lo: int, hi: int) -> dict[st
 def hf_expert_tensors(ours: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
     """transformers' expert tensors (names under `experts.`) from ours for all E experts."""
     if layout == "gate_rows":
-        gate_up = torch.cat([ours["w1_EMH"].transpose(1, 2), ours["w3_EMH"].transpose(1, 2)], 1)
-        return {"gate_up_proj": gate_up.contiguous(),
+        return {"gate_up_proj": ours["w13_EM2H"].transpose(1, 2).contiguous(),
                 "down_proj": ours["w2_EHM"].transpose(1, 2).contiguous()}
     gate_up = torch.stack([ours["w1_EMH"], ours["w3_EMH"]], dim=-1).flatten(-2)
     bias = torch.stack([ours["b1_EH"], ours["b3_EH"]], dim=-1).flatten(-2)
@@ -130,13 +128,13 @@ def hf_expert_tensors(ours: dict[str, torch.Tensor], layout: str) -> dict[str, t
 
 
 def shared_tensors(mlp: nn.Module) -> dict[str, torch.Tensor]:
-    """Our one-expert MLP's parameters from a transformers `*MLP` (Linear weights are [out, in])."""
-    return {"w1_EMH": mlp.gate_proj.weight.t().unsqueeze(0),
-            "w3_EMH": mlp.up_proj.weight.t().unsqueeze(0),
-            "w2_EHM": mlp.down_proj.weight.t().unsqueeze(0)}
+    """Our one-expert fused MLP's parameters from a transformers `*MLP` (Linear weights are
+    [out, in]): gate and up side by side in w13."""
+    w13_M2H = torch.cat([mlp.gate_proj.weight.t(), mlp.up_proj.weight.t()], dim=1)
+    return {"w13_EM2H": w13_M2H.unsqueeze(0), "w2_EHM": mlp.down_proj.weight.t().unsqueeze(0)}
 
 
 def hf_shared_tensors(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"gate_proj.weight": ours["w1_EMH"][0].t().contiguous(),
-            "up_proj.weight": ours["w3_EMH"][0].t().contiguous(),
+    gate_MH, up_MH = ours["w13_EM2H"][0].chunk(2, dim=1)
+    return {"gate_proj.weight": gate_MH.t().contiguous(), "up_proj.weight": up_MH.t().contiguous(),
             "down_proj.weight": ours["w2_EHM"][0].t().contiguous()}

@@ -114,31 +114,45 @@ class FFNExpert(Expert):
 @register_expert("swiglu")
 class SwiGLUExpert(Expert):
     """y = (act(x @ w1 + b1) * (x @ w3 + b3)) @ w2 + b2 per expert (Mixtral, Qwen-MoE, OLMoE,
-    DeepSeek-V3 without biases). w1 is the gate projection, w3 the up projection, stored
-    separately; `schedmoe.hf` splits a fused gate_up tensor into them. The activation defaults
-    to silu; `bias=True` adds b1, b3 and b2."""
+    DeepSeek-V3 without biases). w1 is the gate projection, w3 the up projection: stored apart
+    (`w1_EMH`, `w3_EMH`), or with `fused=True` side by side in one `w13_EM2H` (gate columns
+    first, transformers' `gate_up_proj` transposed) so that both take one GEMM. The activation
+    defaults to silu; `bias=True` adds b1, b3 (or b13) and b2."""
 
     def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
-                 activation: str | Callable = "silu", bias: bool = False) -> None:
+                 activation: str | Callable = "silu", bias: bool = False,
+                 fused: bool = False) -> None:
         super().__init__(num_experts, model_dim, hidden_dim, activation)
-        self.w1_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
-        self.w3_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
+        self.fused = fused
+        if fused:
+            self.w13_EM2H = _uniform(num_experts, model_dim, 2 * hidden_dim, fan_in=model_dim)
+            self.b13_E2H = _uniform(num_experts, 2 * hidden_dim, fan_in=model_dim) \
+                if bias else None
+        else:
+            self.w1_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
+            self.w3_EMH = _uniform(num_experts, model_dim, hidden_dim, fan_in=model_dim)
+            self.b1_EH = _uniform(num_experts, hidden_dim, fan_in=model_dim) if bias else None
+            self.b3_EH = _uniform(num_experts, hidden_dim, fan_in=model_dim) if bias else None
         self.w2_EHM = _uniform(num_experts, hidden_dim, model_dim, fan_in=hidden_dim)
-        self.b1_EH = _uniform(num_experts, hidden_dim, fan_in=model_dim) if bias else None
-        self.b3_EH = _uniform(num_experts, hidden_dim, fan_in=model_dim) if bias else None
         self.b2_EM = _uniform(num_experts, model_dim, fan_in=hidden_dim) if bias else None
 
     def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
-        gate_ECH = _linear(x_ECM, self.w1_EMH, self.b1_EH)
-        up_ECH = _linear(x_ECM, self.w3_EMH, self.b3_EH)
+        if self.fused:
+            gate_ECH, up_ECH = _linear(x_ECM, self.w13_EM2H, self.b13_E2H).chunk(2, dim=-1)
+        else:
+            gate_ECH = _linear(x_ECM, self.w1_EMH, self.b1_EH)
+            up_ECH = _linear(x_ECM, self.w3_EMH, self.b3_EH)
         return _linear(self.glu(gate_ECH, up_ECH), self.w2_EHM, self.b2_EM)
 
     def one(self, e: int, x_CM: torch.Tensor) -> torch.Tensor:
         def linear(x, w_EIO, b_EO):
             return x @ w_EIO[e] if b_EO is None else torch.addmm(b_EO[e], x, w_EIO[e])
-        h_CH = self.glu(linear(x_CM, self.w1_EMH, self.b1_EH), linear(x_CM, self.w3_EMH,
-                                                                       self.b3_EH))
-        return linear(h_CH, self.w2_EHM, self.b2_EM)
+        if self.fused:
+            gate_CH, up_CH = linear(x_CM, self.w13_EM2H, self.b13_E2H).chunk(2, dim=-1)
+        else:
+            gate_CH = linear(x_CM, self.w1_EMH, self.b1_EH)
+            up_CH = linear(x_CM, self.w3_EMH, self.b3_EH)
+        return linear(self.glu(gate_CH, up_CH), self.w2_EHM, self.b2_EM)
 
     def glu(self, gate_ECH: torch.Tensor, up_ECH: torch.Tensor) -> torch.Tensor:
         return self.activation(gate_ECH) * up_ECH
@@ -152,8 +166,8 @@ class ClampedGLUExpert(SwiGLUExpert):
 
     def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
                  activation: str | Callable = "silu", bias: bool = True, alpha: float = 1.702,
-                 limit: float = 7.0) -> None:
-        super().__init__(num_experts, model_dim, hidden_dim, activation, bias)
+                 limit: float = 7.0, fused: bool = False) -> None:
+        super().__init__(num_experts, model_dim, hidden_dim, activation, bias, fused)
         self.alpha, self.limit = alpha, limit
 
     def glu(self, gate_ECH: torch.Tensor, up_ECH: torch.Tensor) -> torch.Tensor:
