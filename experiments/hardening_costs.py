@@ -3,8 +3,9 @@
     python3 experiments/hardening_costs.py            # ~4 minutes on 2 cores
 
 1. Agreement: 4 gloo CPU ranks, the default layer at T = 256 tokens per rank, forward +
-   backward. Three variants interleaved in one run (seeded random order within each round): the default (the record rides on the first
-   dispatch), the record swapped by its own all-gather every call, and the agreement bypassed
+   backward. Three variants interleaved in one run (seeded random order within each round):
+   the default (the record rides on the first dispatch), the record swapped by its own
+   all-gather every call, and the agreement bypassed
    (valid here only: every rank has the same T, so the capacity is known without it). A step's
    time is the slowest rank's; the cost is the median over rounds of (variant - bypassed) in
    the same round, with its quartiles; the time inside the "agree" op is reported too.

@@ -137,22 +137,19 @@ class SwiGLUExpert(Expert):
         self.b2_EM = _uniform(num_experts, model_dim, fan_in=hidden_dim) if bias else None
 
     def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            gate_ECH, up_ECH = _linear(x_ECM, self.w13_EM2H, self.b13_E2H).chunk(2, dim=-1)
-        else:
-            gate_ECH = _linear(x_ECM, self.w1_EMH, self.b1_EH)
-            up_ECH = _linear(x_ECM, self.w3_EMH, self.b3_EH)
-        return _linear(self.glu(gate_ECH, up_ECH), self.w2_EHM, self.b2_EM)
+        return self._apply(x_ECM, _linear)
 
     def one(self, e: int, x_CM: torch.Tensor) -> torch.Tensor:
-        def linear(x, w_EIO, b_EO):
-            return x @ w_EIO[e] if b_EO is None else torch.addmm(b_EO[e], x, w_EIO[e])
+        return self._apply(x_CM, lambda x, w_EIO, b_EO: x @ w_EIO[e] if b_EO is None
+                           else torch.addmm(b_EO[e], x, w_EIO[e]))
+
+    def _apply(self, x: torch.Tensor, linear: Callable) -> torch.Tensor:
+        """The form, with `linear(x, w, b)` over every expert (batched) or one."""
         if self.fused:
-            gate_CH, up_CH = linear(x_CM, self.w13_EM2H, self.b13_E2H).chunk(2, dim=-1)
+            gate, up = linear(x, self.w13_EM2H, self.b13_E2H).chunk(2, dim=-1)
         else:
-            gate_CH = linear(x_CM, self.w1_EMH, self.b1_EH)
-            up_CH = linear(x_CM, self.w3_EMH, self.b3_EH)
-        return linear(self.glu(gate_CH, up_CH), self.w2_EHM, self.b2_EM)
+            gate, up = linear(x, self.w1_EMH, self.b1_EH), linear(x, self.w3_EMH, self.b3_EH)
+        return linear(self.glu(gate, up), self.w2_EHM, self.b2_EM)
 
     def glu(self, gate_ECH: torch.Tensor, up_ECH: torch.Tensor) -> torch.Tensor:
         return self.activation(gate_ECH) * up_ECH
