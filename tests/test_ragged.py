@@ -95,10 +95,38 @@ def test_custom_expert_without_per_expert_form_is_padded_per_group():
     from schedmoe.ops.experts import FFNExpert
 
     class Plain(FFNExpert):
-        one = None
+        form_of = FFNExpert.form
+        form = None
+
+        def forward(self, x_ECM):
+            return self.form_of(x_ECM, lambda x, w, b: torch.baddbmm(b.unsqueeze(1), x, w))
 
     expert = Plain(3, M, H)
     x = torch.randn(7, M)
-    want = torch.cat([FFNExpert.one(expert, e, part) for e, part in
-                      enumerate(torch.split(x, [2, 0, 5])) if part.shape[0]])
-    torch.testing.assert_close(expert.forward_ragged(x, [2, 0, 5]), want)
+    want = []
+    for e, part in enumerate(torch.split(x, [2, 0, 5])):
+        h = expert.activation(part @ expert.w1_EMH[e] + expert.b1_EH[e])
+        want.append(h @ expert.w2_EHM[e] + expert.b2_EM[e])
+    torch.testing.assert_close(expert.forward_ragged(x, [2, 0, 5]), torch.cat(want))
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_ragged_experts_grouped_and_per_expert_agree(grouped, monkeypatch):
+    """torch._grouped_mm (aligned shapes) and per-expert GEMMs give the same rows and grads."""
+    from schedmoe.ops.experts import SwiGLUExpert
+
+    torch.manual_seed(0)
+    expert = SwiGLUExpert(4, 8, 12, bias=True, fused=True)
+    if not grouped:
+        monkeypatch.setattr(SwiGLUExpert, "_grouped_mm_fits", lambda self, x: False)
+    assert expert._grouped_mm_fits(torch.zeros(1, 8)) == grouped
+    x = torch.randn(10, 8, requires_grad=True)
+    counts = [3, 0, 5, 2]
+    y = expert.forward_ragged(x, counts)
+    y.square().sum().backward()
+    padded = torch.zeros(4, 5, 8)
+    for e, part in enumerate(torch.split(x.detach(), counts)):
+        padded[e, :part.shape[0]] = part
+    want = torch.cat([expert(padded)[e, :n] for e, n in enumerate(counts)])
+    torch.testing.assert_close(y, want)
+    assert x.grad is not None and expert.w13_EM2H.grad is not None

@@ -70,19 +70,48 @@ class Expert(nn.Module):
 
     def forward_ragged(self, x_RM: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The experts on rows grouped by expert (`counts[e]` rows for expert e, in order), for
-        dropless dispatch without padding: one 2-D GEMM chain per expert where the form
-        defines `one(e, x_CM)` (on our CPUs ~7% faster than `bmm` over a padded buffer),
-        else the rows padded to the largest group and `forward`."""
-        pieces = torch.split(x_RM, counts)
-        one = getattr(self, "one", None)
-        if one is not None:
-            outs = [one(e, piece) for e, piece in enumerate(pieces) if piece.shape[0]]
-            return torch.cat(outs) if outs else x_RM.new_zeros(0, self.model_dim)
-        widest = max(counts, default=0)
-        padded_ECM = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, widest - p.shape[0]))
-                                  for p in pieces])
-        y_ECM = self(padded_ECM)
-        return torch.cat([y_ECM[e, :n] for e, n in enumerate(counts)])
+        dropless dispatch without padding. A form that defines `form(x, linear)` runs as one
+        `torch._grouped_mm` per GEMM where the build and the shapes allow it (16-byte aligned
+        rows; fp32 on our CPUs: 60 vs 64 ms for the default sizes), else as 2-D GEMMs per expert
+        (~7% faster than `bmm` over a padded buffer); any other form gets its rows padded to
+        the largest local group and `forward`."""
+        form = getattr(self, "form", None)
+        if form is None:
+            pieces = torch.split(x_RM, counts)
+            widest = max(counts, default=0)
+            padded_ECM = torch.stack([torch.nn.functional.pad(p, (0, 0, 0, widest - p.shape[0]))
+                                      for p in pieces])
+            y_ECM = self(padded_ECM)
+            return torch.cat([y_ECM[e, :n] for e, n in enumerate(counts)])
+        if self._grouped_mm_fits(x_RM):
+            counts_E = torch.tensor(counts, device=x_RM.device)
+            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+
+            def grouped(x, w_EIO, b_EO):
+                y = torch._grouped_mm(x, w_EIO, offs=offs_E)
+                return y if b_EO is None else y + b_EO.repeat_interleave(counts_E, dim=0)
+            return form(x_RM, grouped)
+        outs = [form(piece, _one_expert(e)) for e, piece in enumerate(torch.split(x_RM, counts))
+                if piece.shape[0]]
+        # no rows at all: an empty output that still hangs off the input
+        return torch.cat(outs) if outs else x_RM[:, :self.model_dim] * 0
+
+    def _grouped_mm_fits(self, x_RM: torch.Tensor) -> bool:
+        """torch._grouped_mm needs fp32/bf16/fp16 and rows of a multiple of 16 bytes."""
+        if not hasattr(torch, "_grouped_mm") or x_RM.dtype not in (
+                torch.float32, torch.bfloat16, torch.float16):
+            return False
+        size = x_RM.element_size()
+        dims = [x_RM.shape[1]] + [d for p in self.parameters() if p.dim() == 3
+                                  for d in p.shape[1:]]
+        return all(d * size % 16 == 0 for d in dims)
+
+
+def _one_expert(e: int) -> Callable:
+    """`linear(x, w, b)` with expert e's weights, as a 2-D GEMM."""
+    def linear(x, w_EIO, b_EO):
+        return x @ w_EIO[e] if b_EO is None else torch.addmm(b_EO[e], x, w_EIO[e])
+    return linear
 
 
 def _uniform(*shape: int, fan_in: int) -> nn.Parameter:
@@ -103,12 +132,12 @@ class FFNExpert(Expert):
         self.b2_EM = _uniform(num_experts, model_dim, fan_in=hidden_dim)
 
     def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
-        h_ECH = self.activation(torch.baddbmm(self.b1_EH.unsqueeze(1), x_ECM, self.w1_EMH))
-        return torch.baddbmm(self.b2_EM.unsqueeze(1), h_ECH, self.w2_EHM)
+        return self.form(x_ECM, _linear)
 
-    def one(self, e: int, x_CM: torch.Tensor) -> torch.Tensor:
-        h_CH = self.activation(torch.addmm(self.b1_EH[e], x_CM, self.w1_EMH[e]))
-        return torch.addmm(self.b2_EM[e], h_CH, self.w2_EHM[e])
+    def form(self, x: torch.Tensor, linear: Callable) -> torch.Tensor:
+        """The form, with `linear(x, w, b)` over every expert (batched), one, or grouped."""
+        return linear(self.activation(linear(x, self.w1_EMH, self.b1_EH)), self.w2_EHM,
+                      self.b2_EM)
 
 
 @register_expert("swiglu")
@@ -137,14 +166,10 @@ class SwiGLUExpert(Expert):
         self.b2_EM = _uniform(num_experts, model_dim, fan_in=hidden_dim) if bias else None
 
     def forward(self, x_ECM: torch.Tensor) -> torch.Tensor:
-        return self._apply(x_ECM, _linear)
+        return self.form(x_ECM, _linear)
 
-    def one(self, e: int, x_CM: torch.Tensor) -> torch.Tensor:
-        return self._apply(x_CM, lambda x, w_EIO, b_EO: x @ w_EIO[e] if b_EO is None
-                           else torch.addmm(b_EO[e], x, w_EIO[e]))
-
-    def _apply(self, x: torch.Tensor, linear: Callable) -> torch.Tensor:
-        """The form, with `linear(x, w, b)` over every expert (batched) or one."""
+    def form(self, x: torch.Tensor, linear: Callable) -> torch.Tensor:
+        """The form, with `linear(x, w, b)` over every expert (batched), one, or grouped."""
         if self.fused:
             gate, up = linear(x, self.w13_EM2H, self.b13_E2H).chunk(2, dim=-1)
         else:
