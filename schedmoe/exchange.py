@@ -79,6 +79,7 @@ def _start_ragged(x_NM: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec:
     from the rows it expects (fixed-size codecs) or they are exchanged first (zstd)."""
     send_rows, recv_rows = splits
     row_shape = tuple(x_NM.shape[1:])
+    codec = codec.without_feedback()
     with rec(name + ".compress", chunk):
         wires = [codec.compress(piece.unsqueeze(0)) for piece in torch.split(x_NM, send_rows)]
         data = torch.cat([wire.data for wire in wires])

@@ -122,7 +122,8 @@ def test_converted_model_matches_the_original_on_one_rank(family):
 @pytest.mark.parametrize("family,world,scheduler", [
     ("mixtral", 2, "sequential"), ("qwen2_moe", 2, "pipeline"), ("qwen3_moe", 2, "sequential"),
     ("olmoe", 2, "sequential"), ("deepseek_v3", 2, "adaptive"), ("gpt_oss", 2, "sequential"),
-    ("deepseek_v3", 4, "pipeline"), ("qwen2_moe", 4, "sequential"), ("gpt_oss", 4, "pipeline")])
+    ("deepseek_v3", 4, "pipeline"), ("qwen2_moe", 4, "sequential"), ("gpt_oss", 4, "pipeline"),
+    ("mixtral", 4, "pipeline"), ("qwen3_moe", 4, "adaptive"), ("olmoe", 4, "sequential")])
 def test_converted_model_matches_the_original_on_several_ranks(family, world, scheduler):
     for rank, errors in enumerate(run_ranks(compare, world, family, scheduler, timeout=300)):
         _check(errors, f"{family} {scheduler} rank {rank}")

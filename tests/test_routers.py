@@ -351,3 +351,22 @@ def test_fused_swiglu_storage_is_the_same_function(bias):
     rows = x.reshape(12, M)
     torch.testing.assert_close(fused.forward_ragged(rows, [5, 0, 7]),
                                apart.forward_ragged(rows, [5, 0, 7]))
+
+
+def biases_after_updates(rank: int, world: int) -> list[float]:
+    """Each rank routes its own skewed batches; the update sums the counts over the ranks, so
+    the biases stay identical on every replica of the router."""
+    torch.manual_seed(0)
+    router = GroupLimitedSigmoidRouter(M, E, 2, bias_update_rate=0.01).train()
+    gen = torch.Generator().manual_seed(rank)
+    with torch.no_grad():
+        for _ in range(5):
+            router(torch.randn(50 + 30 * rank, M, generator=gen) + rank)
+            schedmoe.routers.update_balancing_biases(router)
+    return router.score_bias_E.tolist()
+
+
+def test_balancing_biases_agree_across_replicas():
+    from schedmoe.testing import run_ranks
+    first, second = run_ranks(biases_after_updates, 2, timeout=60)
+    assert first == second and any(b != 0 for b in first)

@@ -74,6 +74,10 @@ class Checksummed(Compressor):
         inner = self.inner.wire_bytes(spec)
         return None if inner is None else pad_to_align(inner) + TRAILER_BYTES
 
+    def without_feedback(self) -> Compressor:
+        inner = self.inner.without_feedback()
+        return self if inner is self.inner else Checksummed(inner)
+
     def compress(self, x_P: torch.Tensor) -> Wire:
         wire = self.inner.compress(x_P)
         P = len(wire.sizes)

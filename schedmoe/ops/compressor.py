@@ -143,6 +143,11 @@ class Compressor(ABC):
         ragged exchanges swap the sizes first)."""
         return None
 
+    def without_feedback(self) -> "Compressor":
+        """This codec without error feedback (a ragged exchange compresses each destination's
+        rows on their own, and a residual must never move to another destination's rows)."""
+        return self
+
     @abstractmethod
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         """The `[len(wire.sizes), *spec.shape]` tensor of dtype `spec.dtype` in `wire`.
