@@ -64,7 +64,8 @@ class MoEConfig:
     balance_loss: str = "gshard"  # "gshard", "topk", "sequence" or "global" (routers/balance.py)
     expert_options: dict = field(default_factory=dict)  # the expert form's (bias, limit, ...)
     input_jitter: float = 0.0  # training: x *= U(1 - j, 1 + j) before routing (Mixtral)
-    shared_hidden_dim: int = 0  # hidden size of the shared experts' MLP; 0: none
+    shared_hidden_dim: int = 0  # hidden size of each shared expert; 0: none
+    num_shared_experts: int = 1  # run as one MLP of num_shared_experts * shared_hidden_dim
     shared_gate: bool = False  # scale the shared output by sigmoid(x @ w) (Qwen2-MoE)
     z_loss_weight: float = 0.0
     check_finite: bool = False  # scan the input for NaN/Inf every call (costs a reduction)
@@ -80,6 +81,9 @@ class MoEConfig:
         if not isinstance(self.shared_hidden_dim, int) or self.shared_hidden_dim < 0:
             raise ConfigError(f"shared_hidden_dim must be an int >= 0, got "
                               f"{self.shared_hidden_dim!r}")
+        if not isinstance(self.num_shared_experts, int) or self.num_shared_experts < 1:
+            raise ConfigError(f"num_shared_experts must be an int >= 1, got "
+                              f"{self.num_shared_experts!r}")
         if not 0 <= self.input_jitter < 1:
             raise ConfigError(f"input_jitter must be in [0, 1), got {self.input_jitter}")
         if self.top_k > self.num_experts:
@@ -102,7 +106,8 @@ class MoEConfig:
         options = {name: canonical(getattr(self, name)) for name in (
             "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
             "normalize_weights", "check_finite", "allow_empty", "verify", "gate_options", "ragged",
-            "expert_options", "shared_hidden_dim", "shared_gate", "balance_loss")}
+            "expert_options", "shared_hidden_dim", "num_shared_experts", "shared_gate",
+            "balance_loss")}
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
                         for name in ("capacity_factor", "gate_noise", "z_loss_weight",
                                      "input_jitter")})
@@ -186,10 +191,11 @@ class MoELayer(nn.Module):
             self.experts = expert_cls(self.num_local_experts, model_dim, hidden_dim,
                                       **expert_args)
         mark_expert_parameters(self.experts)
-        # Shared experts are replicated like the gate: drawn from the global RNG.
-        self.shared = SharedExperts(expert_cls(1, model_dim, cfg.shared_hidden_dim,
-                                               **expert_args), cfg.shared_gate) \
-            if cfg.shared_hidden_dim else None
+        # Shared experts are replicated like the gate: drawn from the global RNG. n experts of
+        # hidden size H are one MLP of n * H (their hidden units side by side, outputs summed).
+        shared_dim = cfg.num_shared_experts * cfg.shared_hidden_dim
+        self.shared = SharedExperts(expert_cls(1, model_dim, shared_dim, **expert_args),
+                                    cfg.shared_gate) if shared_dim else None
         local_size = default_local_size(self.group) if cfg.local_size is None else cfg.local_size
         self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, local_size)
         self.codecs = CodecSet.build(cfg.compressor, verify=cfg.verify)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -166,6 +167,22 @@ def test_shared_experts_with_sigmoid_gate():
     scale = torch.tensor([1 / (1 + math.exp(-float(x[t] @ shared.gate_1M[0])))
                           for t in range(5)])
     torch.testing.assert_close(shared(x), mlp * scale.unsqueeze(1), rtol=1e-5, atol=1e-5)
+
+
+def test_n_shared_experts_are_one_mlp_of_n_times_the_hidden_size():
+    torch.manual_seed(0)
+    layer = schedmoe.MoELayer(M, E, 5, 2, 0.0, expert="swiglu", shared_hidden_dim=3,
+                              num_shared_experts=2)
+    mlp = layer.shared.mlp
+    assert mlp.w1_EMH.shape == (1, M, 6)
+    x = _x(4)
+    two = sum(_expert_reference(SimpleNamespace(
+        hidden_dim=3, w1_EMH=mlp.w1_EMH[:, :, j:j + 3], w3_EMH=mlp.w3_EMH[:, :, j:j + 3],
+        w2_EHM=mlp.w2_EHM[:, j:j + 3], b1_EH=None, b2_EM=None), x.unsqueeze(0),
+        lambda g, u: _silu(g) * u)[0] for j in (0, 3))
+    torch.testing.assert_close(layer.shared(x), two, rtol=1e-5, atol=1e-5)
+    with pytest.raises(schedmoe.ConfigError, match="num_shared_experts"):
+        schedmoe.MoELayer(M, E, 5, shared_hidden_dim=3, num_shared_experts=0)
 
 
 def test_layer_adds_shared_experts_and_jitters_only_in_training():
@@ -336,15 +353,21 @@ def test_slot_assignment_scales_without_a_one_hot():
         assert torch.equal(slots, torch.arange(int(counts_E[e])))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_swiglu_storage_is_the_same_function(bias):
+@pytest.mark.parametrize("bias,interleaved", [(False, False), (True, False), (True, True)])
+def test_fused_swiglu_storage_is_the_same_function(bias, interleaved):
     apart = SwiGLUExpert(3, M, 5, bias=bias)
-    fused = SwiGLUExpert(3, M, 5, bias=bias, fused=True)
+    fused = SwiGLUExpert(3, M, 5, bias=bias, fused=True, interleaved=interleaved)
+
+    def side_by_side(gate, up):  # gate columns first, or alternating gate, up, gate, ...
+        if interleaved:
+            return torch.stack([gate, up], dim=-1).flatten(-2)
+        return torch.cat([gate, up], dim=-1)
+
     with torch.no_grad():
-        fused.w13_EM2H.copy_(torch.cat([apart.w1_EMH, apart.w3_EMH], dim=2))
+        fused.w13_EM2H.copy_(side_by_side(apart.w1_EMH, apart.w3_EMH))
         fused.w2_EHM.copy_(apart.w2_EHM)
         if bias:
-            fused.b13_E2H.copy_(torch.cat([apart.b1_EH, apart.b3_EH], dim=1))
+            fused.b13_E2H.copy_(side_by_side(apart.b1_EH, apart.b3_EH))
             fused.b2_EM.copy_(apart.b2_EM)
     x = torch.randn(3, 4, M, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(fused(x), apart(x))

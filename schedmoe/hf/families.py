@@ -10,7 +10,7 @@ options that reproduce its routing and expert maths, and its expert storage:
   SwiGLU storage (`w13_EM2H`, one GEMM for gate and up).
 - `interleaved`: `gate_up_proj [E, M, 2I]`, gate and up interleaved on the last dim (even: gate,
   odd: up), with `gate_up_proj_bias [E, 2I]`; `down_proj [E, I, M]` and `down_proj_bias [E, M]`:
-  GPT-OSS.
+  GPT-OSS; our fused, interleaved storage as it is.
 Shared experts are `*MLP` modules with `gate_proj`/`up_proj`/`down_proj` Linears (no bias), and
 Qwen2-MoE's `shared_expert_gate` is a `Linear(M, 1)`.
 """
@@ -72,7 +72,8 @@ def _deepseek_v3(block):
             "normalize_weights": router.norm_topk_prob,
             "gate_options": {"num_groups": router.num_group, "topk_groups": router.topk_group,
                              "scaling": float(router.routed_scaling_factor)},
-            **_swiglu(block), "shared_hidden_dim": block.shared_experts.intermediate_size}
+            **_swiglu(block), "shared_hidden_dim": block.config.moe_intermediate_size,
+            "num_shared_experts": block.config.n_shared_experts}
 
 
 def _gpt_oss(block):
@@ -80,7 +81,8 @@ def _gpt_oss(block):
     return {"gate": "topk_softmax", "top_k": router.top_k, "gate_options": {"bias": True},
             "expert": "clamped_glu", "hidden_dim": experts.intermediate_size,
             "num_experts": experts.num_experts,
-            "expert_options": {"alpha": float(experts.alpha), "limit": float(experts.limit)}}
+            "expert_options": {"alpha": float(experts.alpha), "limit": float(experts.limit),
+                               "fused": True, "interleaved": True}}
 
 
 FAMILIES = {f.block: f for f in (
@@ -109,10 +111,8 @@ def expert_tensors(experts: nn.Module, layout: str, lo: int, hi: int) -> dict[st
     if layout == "gate_rows":  # into the fused SwiGLU storage: one GEMM for gate and up
         return {"w13_EM2H": experts.gate_up_proj[lo:hi].transpose(1, 2),
                 "w2_EHM": experts.down_proj[lo:hi].transpose(1, 2)}
-    gate_up_EMI = experts.gate_up_proj[lo:hi]
-    bias_EI = experts.gate_up_proj_bias[lo:hi]
-    return {"w1_EMH": gate_up_EMI[..., ::2], "w3_EMH": gate_up_EMI[..., 1::2],
-            "b1_EH": bias_EI[:, ::2], "b3_EH": bias_EI[:, 1::2],
+    # interleaved: GPT-OSS's layout is our fused, interleaved storage as it is
+    return {"w13_EM2H": experts.gate_up_proj[lo:hi], "b13_E2H": experts.gate_up_proj_bias[lo:hi],
             "w2_EHM": experts.down_proj[lo:hi], "b2_EM": experts.down_proj_bias[lo:hi]}
 
 
@@ -121,9 +121,8 @@ def hf_expert_tensors(ours: dict[str, torch.Tensor], layout: str) -> dict[str, t
     if layout == "gate_rows":
         return {"gate_up_proj": ours["w13_EM2H"].transpose(1, 2).contiguous(),
                 "down_proj": ours["w2_EHM"].transpose(1, 2).contiguous()}
-    gate_up = torch.stack([ours["w1_EMH"], ours["w3_EMH"]], dim=-1).flatten(-2)
-    bias = torch.stack([ours["b1_EH"], ours["b3_EH"]], dim=-1).flatten(-2)
-    return {"gate_up_proj": gate_up.contiguous(), "gate_up_proj_bias": bias.contiguous(),
+    return {"gate_up_proj": ours["w13_EM2H"].contiguous(),
+            "gate_up_proj_bias": ours["b13_E2H"].contiguous(),
             "down_proj": ours["w2_EHM"].contiguous(), "down_proj_bias": ours["b2_EM"].contiguous()}
 
 

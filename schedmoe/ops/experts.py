@@ -144,15 +144,18 @@ class FFNExpert(Expert):
 class SwiGLUExpert(Expert):
     """y = (act(x @ w1 + b1) * (x @ w3 + b3)) @ w2 + b2 per expert (Mixtral, Qwen-MoE, OLMoE,
     DeepSeek-V3 without biases). w1 is the gate projection, w3 the up projection: stored apart
-    (`w1_EMH`, `w3_EMH`), or with `fused=True` side by side in one `w13_EM2H` (gate columns
-    first, transformers' `gate_up_proj` transposed) so that both take one GEMM. The activation
-    defaults to silu; `bias=True` adds b1, b3 (or b13) and b2."""
+    (`w1_EMH`, `w3_EMH`), or with `fused=True` in one `w13_EM2H` so that both take one GEMM:
+    gate columns first (transformers' Mixtral-style `gate_up_proj`, transposed), or with
+    `interleaved=True` alternating gate, up, gate, ... (GPT-OSS's `gate_up_proj` as is). The
+    activation defaults to silu; `bias=True` adds b1, b3 (or b13) and b2."""
 
     def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
                  activation: str | Callable = "silu", bias: bool = False,
-                 fused: bool = False) -> None:
+                 fused: bool = False, interleaved: bool = False) -> None:
         super().__init__(num_experts, model_dim, hidden_dim, activation)
-        self.fused = fused
+        if interleaved and not fused:
+            raise ConfigError("interleaved gate/up storage needs fused=True")
+        self.fused, self.interleaved = fused, interleaved
         if fused:
             self.w13_EM2H = _uniform(num_experts, model_dim, 2 * hidden_dim, fan_in=model_dim)
             self.b13_E2H = _uniform(num_experts, 2 * hidden_dim, fan_in=model_dim) \
@@ -171,7 +174,9 @@ class SwiGLUExpert(Expert):
     def form(self, x: torch.Tensor, linear: Callable) -> torch.Tensor:
         """The form, with `linear(x, w, b)` over every expert (batched), one, or grouped."""
         if self.fused:
-            gate, up = linear(x, self.w13_EM2H, self.b13_E2H).chunk(2, dim=-1)
+            both = linear(x, self.w13_EM2H, self.b13_E2H)
+            gate, up = (both[..., ::2], both[..., 1::2]) if self.interleaved else \
+                both.chunk(2, dim=-1)
         else:
             gate, up = linear(x, self.w1_EMH, self.b1_EH), linear(x, self.w3_EMH, self.b3_EH)
         return linear(self.glu(gate, up), self.w2_EHM, self.b2_EM)
@@ -183,13 +188,14 @@ class SwiGLUExpert(Expert):
 @register_expert("clamped_glu")
 class ClampedGLUExpert(SwiGLUExpert):
     """GPT-OSS's expert: gate = (x @ w1 + b1).clamp(max=limit), up = (x @ w3 + b3).clamp(-limit,
-    limit), h = gate * sigmoid(alpha * gate) * (up + 1), y = h @ w2 + b2. Biases on by default.
-    (GPT-OSS stores gate and up interleaved in one tensor; `schedmoe.hf` de-interleaves.)"""
+    limit), h = gate * sigmoid(alpha * gate) * (up + 1), y = h @ w2 + b2. Biases on by default;
+    GPT-OSS's storage is `fused=True, interleaved=True`."""
 
     def __init__(self, num_experts: int, model_dim: int, hidden_dim: int,
                  activation: str | Callable = "silu", bias: bool = True, alpha: float = 1.702,
-                 limit: float = 7.0, fused: bool = False) -> None:
-        super().__init__(num_experts, model_dim, hidden_dim, activation, bias, fused)
+                 limit: float = 7.0, fused: bool = False, interleaved: bool = False) -> None:
+        super().__init__(num_experts, model_dim, hidden_dim, activation, bias, fused,
+                         interleaved)
         self.alpha, self.limit = alpha, limit
 
     def glu(self, gate_ECH: torch.Tensor, up_ECH: torch.Tensor) -> torch.Tensor:
