@@ -1,8 +1,10 @@
-"""One differentiable compress -> all-to-all -> decompress of a `[P, ...]` payload.
+"""One differentiable compress -> all-to-all -> decompress of a `[P, ...]` payload, or of
+ragged `[N, ...]` rows with per-rank row counts (`splits`, dropless without padding).
 
 Fixed-size codecs exchange their wire with even splits. Data-dependent codecs (zstd) first
 exchange each slice's byte count, then the wire with those uneven splits, through the same A2A
-algorithm. The backward pass sends the gradient back the same way with the gradient codec; for
+algorithm. Ragged rows are compressed one destination at a time; the receiver knows each
+slice's byte size from the rows it expects (`Compressor.wire_bytes`) or, for zstd, swaps them. The backward pass sends the gradient back the same way with the gradient codec; for
 a lossy codec the gradient is straight-through (the round trip is treated as the identity).
 
 A call's first dispatch may carry a `Rider` (the per-call agreement record, agreement.py):

@@ -45,7 +45,9 @@ class GroupLimitedSigmoidRouter(Router):
         self.register_buffer("score_bias_E", torch.zeros(num_experts, dtype=torch.float32))
         # Auxiliary-loss-free balancing (balance.py): choices counted in training calls.
         self.bias_update_rate = bias_update_rate
-        self.register_buffer("load_E", torch.zeros(num_experts), persistent=False)
+        # int64: exact counts, and left alone by `model.to(torch.bfloat16)`
+        self.register_buffer("load_E", torch.zeros(num_experts, dtype=torch.int64),
+                             persistent=False)
 
     @torch.no_grad()
     def update_selection_bias(self, group: dist.ProcessGroup | None = None) -> None:
@@ -53,7 +55,8 @@ class GroupLimitedSigmoidRouter(Router):
         load_E = self.load_E.clone()
         if group is not None or (dist.is_available() and dist.is_initialized()):
             dist.all_reduce(load_E, group=group)
-        delta_E = self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        load_E = load_E.double()
+        delta_E = self.bias_update_rate * torch.sign(load_E.mean() - load_E).float()
         self.score_bias_E += delta_E - delta_E.mean()
         self.load_E.zero_()
 

@@ -2,10 +2,11 @@
 
 Legend: W ranks in the EP group, E local experts per rank, C capacity, M model dim.
 
-The layer routes and encodes the tokens into `x_WECM` (slice w is for the experts of rank w);
-a scheduler exchanges it, runs the local experts and exchanges the results back, returning
-`y_WECM` in the same layout. Chunked schedulers split C and overlap the pieces; all must give
-the sequential schedule's result.
+The layer routes and encodes the tokens into `x_WECM` (slice w is for the experts of rank w;
+in dropless mode ragged `[N, M]` rows, see layout.py); a scheduler exchanges it, runs the local
+experts and exchanges the results back, returning `y_WECM` in the same layout. Chunked
+schedulers split C through the context (`chunks`, `slice`, `cat`) and overlap the pieces; all
+must give the sequential schedule's result.
 """
 
 from __future__ import annotations
