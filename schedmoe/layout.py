@@ -71,11 +71,7 @@ class RaggedLayout:
         if key not in self._index:
             counts = (self.send_Wn if side == "send" else self.recv_Wn).reshape(-1)
             starts = torch.cumsum(counts, 0) - counts
-            take = self.part(counts, lo, hi)
-            seg = torch.repeat_interleave(torch.arange(counts.numel()), take)
-            first = torch.cumsum(take, 0) - take
-            offset = torch.arange(int(take.sum())) - first[seg]
-            self._index[key] = starts[seg] + lo + offset
+            self._index[key] = _runs(starts + lo, self.part(counts, lo, hi))
         return self._index[key]
 
     def slice(self, x_NM: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -96,10 +92,13 @@ class RaggedLayout:
         """For the received rows of chunk [lo, hi) (ordered by source rank, then expert): the
         permutation to expert-major order, and the rows of each local expert."""
         take_Wn = self.part(self.recv_Wn, lo, hi)
-        world, experts = take_Wn.shape
-        starts_Wn = (torch.cumsum(take_Wn.reshape(-1), 0) - take_Wn.reshape(-1)).view(world,
-                                                                                     experts)
-        order = [torch.arange(int(starts_Wn[w, e]), int(starts_Wn[w, e] + take_Wn[w, e]))
-                 for e in range(experts) for w in range(world)]
-        perm = torch.cat(order) if order else torch.zeros(0, dtype=torch.int64)
-        return perm, take_Wn.sum(dim=0).tolist()
+        starts_Wn = (torch.cumsum(take_Wn.reshape(-1), 0) - take_Wn.reshape(-1)).view_as(take_Wn)
+        return _runs(starts_Wn.t().reshape(-1), take_Wn.t().reshape(-1)), \
+            take_Wn.sum(dim=0).tolist()
+
+
+def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The concatenation of arange(starts[i], starts[i] + lengths[i]) for every i."""
+    run = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    first = torch.cumsum(lengths, 0) - lengths
+    return starts[run] + torch.arange(int(lengths.sum())) - first[run]
