@@ -110,13 +110,15 @@ def make_ragged_plan(expert_TK: torch.Tensor, weight_TK: torch.Tensor, slot_TK: 
     destination rank, then expert, then priority; row n of the `[N, M]` buffer is pair n."""
     num_experts = counts_E.numel()
     kept_TK = slot_TK < limit
-    # one sort key per pair: expert-major, then slot (unique per expert)
-    key_TK = expert_TK * (slot_TK.numel() + 1) + slot_TK
-    pairs_N = kept_TK.reshape(-1).nonzero()[:, 0]
-    pairs_N = pairs_N[torch.argsort(key_TK.reshape(-1)[pairs_N])]
+    # Slots are dense within an expert, so a kept pair's row is its expert's first row plus its
+    # slot: the order comes from `locate`'s sort, not from a second one.
+    pairs = kept_TK.reshape(-1).nonzero()[:, 0]
+    expert_kept = expert_TK.reshape(-1)[pairs]
+    kept_E = torch.bincount(expert_kept, minlength=num_experts)
+    row = (torch.cumsum(kept_E, 0) - kept_E)[expert_kept] + slot_TK.reshape(-1)[pairs]
+    pairs_N = torch.empty_like(pairs).index_copy_(0, row, pairs)
     top_k = expert_TK.shape[1]
-    expert_N = expert_TK.reshape(-1)[pairs_N]
-    dropped_E = counts_E - torch.bincount(expert_N, minlength=num_experts)
+    dropped_E = counts_E - kept_E
     return DispatchPlan(num_experts, 0, kept_TK, pairs_N // top_k,
                         torch.arange(pairs_N.numel(), device=pairs_N.device),
                         weight_TK.reshape(-1)[pairs_N], counts_E, dropped_E, ragged=True)

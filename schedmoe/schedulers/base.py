@@ -64,9 +64,13 @@ class StepContext:
         experts (dispatch, combine's gradient) or back (combine, dispatch's gradient)."""
         if not self.layout.ragged:
             return None
-        lo, hi = (0, self.layout.capacity) if chunk is None else self.bounds[chunk]
+        lo, hi = self._slots(chunk)
         send, recv = self.layout.rows(lo, hi, "send"), self.layout.rows(lo, hi, "recv")
         return (send, recv) if towards_experts else (recv, send)
+
+    def _slots(self, chunk: int | None) -> tuple[int, int]:
+        """[lo, hi) of chunk `chunk`; the whole capacity for an unchunked exchange."""
+        return (0, self.layout.capacity) if chunk is None else self.bounds[chunk]
 
     def run_shared(self) -> None:
         """Run the shared experts now, if any and not yet run (a scheduler calls this while
@@ -98,8 +102,7 @@ class StepContext:
         """Local experts over every source rank's tokens; same layout in and out."""
         dtype = next(self.experts.parameters(), recv_WECM).dtype
         if self.layout.ragged:
-            lo, hi = (0, self.layout.capacity) if chunk is None else self.bounds[chunk]
-            perm_R, counts = self.layout.expert_order(lo, hi)
+            perm_R, counts = self.layout.expert_order(*self._slots(chunk))
             perm_R = perm_R.to(recv_WECM.device)
             with self.rec("experts", chunk):
                 y_RM = self.experts.forward_ragged(recv_WECM.index_select(0, perm_R).to(dtype),
