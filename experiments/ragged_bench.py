@@ -6,7 +6,8 @@
 rank, dropless (capacity_factor 0). The router is skewed: two experts' gate rows are pushed
 towards the inputs' common direction, so they take several times the mean load. Padded
 (`ragged=False`: every expert padded to the busiest expert's load in the group, as before) and
-ragged (`ragged=True`, the default) are timed interleaved in one run (forward + backward,
+ragged (`ragged=True`, the default; and the same with per-expert GEMMs instead of
+torch._grouped_mm) are timed interleaved in one run (forward + backward,
 median of the slowest rank); wire bytes are those of one step; peak memory is the growth of
 each rank's peak RSS over 5 steps, each variant in fresh processes.
 
@@ -55,11 +56,15 @@ def step(layer, x) -> float:
 
 def timing_rank(rank: int, world: int, rounds: int) -> dict:
     torch.set_num_threads(1)
-    layers = {"padded": make_layer(False), "ragged": make_layer(True)}
+    layers = {"padded": make_layer(False), "ragged": make_layer(True),
+              "ragged_per_expert_gemms": make_layer(True)}
+    # the same ragged layer with its experts as 2-D GEMMs per expert, not torch._grouped_mm
+    layers["ragged_per_expert_gemms"].experts._grouped_mm_fits = lambda x: False
     x = inputs(rank)
     times: dict[str, list[float]] = {name: [] for name in layers}
     for i in range(rounds + 1):
-        for name, layer in (layers.items() if i % 2 == 0 else reversed(layers.items())):
+        for name, layer in (list(layers.items()) if i % 2 == 0 else
+                            reversed(list(layers.items()))):
             ms = step(layer, x)
             if i:
                 times[name].append(ms)
@@ -107,6 +112,8 @@ def main() -> None:
         "wire_bytes": ragged["wire_bytes_total"] / padded["wire_bytes_total"],
         "peak_rss_growth": max(ragged["peak_rss_growth_mib_per_rank"]) /
         max(max(padded["peak_rss_growth_mib_per_rank"]), 1e-9)}
+    result["ragged_per_expert_gemms_step_ms_median"] = statistics.median(
+        times["ragged_per_expert_gemms"])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "ragged_bench.json").write_text(json.dumps(result, indent=1))
     plot(result, RESULTS / "ragged_bench.png")

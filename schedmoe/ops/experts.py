@@ -72,9 +72,9 @@ class Expert(nn.Module):
         """The experts on rows grouped by expert (`counts[e]` rows for expert e, in order), for
         dropless dispatch without padding. A form that defines `form(x, linear)` runs as one
         `torch._grouped_mm` per GEMM where the build and the shapes allow it (16-byte aligned
-        rows; fp32 on our CPUs: 60 vs 64 ms for the default sizes), else as 2-D GEMMs per expert
-        (~7% faster than `bmm` over a padded buffer); any other form gets its rows padded to
-        the largest local group and `forward`."""
+        rows; on our CPUs even with the per-expert path, experiments/ragged_bench.py), else as
+        2-D GEMMs per expert (~7% faster than `bmm` over a padded buffer, shared/REFERENCE.md);
+        any other form gets its rows padded to the largest local group and `forward`."""
         form = getattr(self, "form", None)
         if form is None:
             pieces = torch.split(x_RM, counts)
