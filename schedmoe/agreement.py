@@ -30,7 +30,7 @@ How the record travels:
 
 Canonical options: an option is compared by what it means, not how it was spelled: registry
 names and classes map to one name, `"pipeline"` and `PipelineScheduler(2)` both describe as
-`pipeline(degree=2)`, `local_size=None` is resolved first, floats print as floats. Callables
+`pipeline(degree=2)`, floats print as floats. Callables
 are compared by module, name, bytecode, defaults and closure values, so two different lambdas
 differ and the same function defined on every rank agrees; a callable with no stable identity
 (its repr shows a memory address) is refused with ConfigError.

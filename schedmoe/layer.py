@@ -37,7 +37,6 @@ from .routers.balance import BALANCE_LOSSES, balance_loss
 from .registry import registry
 from .schedulers.base import Scheduler, SharedWork, StepContext
 from .recorder import StepRecorder
-from .topology import default_local_size
 
 
 @dataclass
@@ -54,7 +53,7 @@ class MoEConfig:
     expert: str | type = "ffn"
     activation: str | Callable | None = None  # None: the expert's default
     a2a: str | type = "nccl"
-    local_size: int | None = None  # ranks per node for hierarchical A2A; None: LOCAL_WORLD_SIZE
+    local_size: int | None = None  # nodes for hierarchical A2A: None from the hosts (topology.py)
     compressor: str | type | Compressor | dict = "none"  # one codec, or per exchange
     scheduler: str | type | Scheduler = "sequential"  # a name, class or configured instance
     gate: str | type = "topk"
@@ -100,21 +99,21 @@ class MoEConfig:
             raise ConfigError(f"balance_loss must be one of {BALANCE_LOSSES}, got "
                               f"{self.balance_loss!r}")
 
-    def canonical(self, local_size: int, codecs: CodecSet, scheduler: Scheduler) -> dict[str, str]:
+    def canonical(self, codecs: CodecSet, scheduler: Scheduler) -> dict[str, str]:
         """Every option as a string that is equal on two ranks iff it means the same there
         (names and classes alike, defaults resolved); what the ranks agree on."""
         options = {name: canonical(getattr(self, name)) for name in (
             "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
             "normalize_weights", "check_finite", "allow_empty", "verify", "gate_options", "ragged",
             "expert_options", "shared_hidden_dim", "num_shared_experts", "shared_gate",
-            "balance_loss")}
+            "balance_loss", "local_size")}
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
                         for name in ("capacity_factor", "gate_noise", "z_loss_weight",
                                      "input_jitter")})
         options.update(expert=canonical(self.expert, "expert"), gate=canonical(self.gate, "gate"),
                        activation=canonical(activation_name(self.activation)),
                        a2a=canonical(self.a2a, "a2a"),
-                       local_size=repr(local_size), compressor=codecs.describe(),
+                       compressor=codecs.describe(),
                        scheduler=scheduler.describe())
         return options
 
@@ -196,13 +195,11 @@ class MoELayer(nn.Module):
         shared_dim = cfg.num_shared_experts * cfg.shared_hidden_dim
         self.shared = SharedExperts(expert_cls(1, model_dim, shared_dim, **expert_args),
                                     cfg.shared_gate) if shared_dim else None
-        local_size = default_local_size(self.group) if cfg.local_size is None else cfg.local_size
-        self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, local_size)
+        self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, cfg.local_size)
         self.codecs = CodecSet.build(cfg.compressor, verify=cfg.verify)
         self.scheduler = (cfg.scheduler if isinstance(cfg.scheduler, Scheduler)
                           else registry("scheduler").resolve(cfg.scheduler)())
-        self._agreement = Agreement(self.group, cfg.canonical(local_size, self.codecs,
-                                                              self.scheduler))
+        self._agreement = Agreement(self.group, cfg.canonical(self.codecs, self.scheduler))
 
         self._agreed: Agreed | None = None  # what the last call agreed
         self._guess: Agreed | None = None  # what the next call is guessed to agree

@@ -127,3 +127,60 @@ def release_destroys(rank: int, world: int) -> bool:
 
 def test_release_destroys_the_cached_subgroups():
     assert run_ranks(release_destroys, 4, timeout=120) == [True] * 4
+
+
+def matches_flat(algo, pg, seed: int) -> None:
+    """One exchange with random uneven splits, and its gradient, against all_to_all_single."""
+    me, size = dist.get_rank(pg), dist.get_world_size(pg)
+    splits = random_splits(size, seed)
+    send = [splits[me][d] for d in range(size)]
+    recv = [splits[s][me] for s in range(size)]
+    x = payload(me, sum(send), torch.float32, seed).requires_grad_()
+    expected = x.new_empty(sum(recv), 3)
+    dist.all_to_all_single(expected, x.detach(), recv, send, group=pg)
+    out = all_to_all(x, algo, recv, send)
+    assert torch.equal(out, expected), (type(algo).__name__, seed)
+    grad_out = payload(me + 7, sum(recv), torch.float32, seed)
+    (out * grad_out).sum().backward()
+    expected_grad = torch.empty(sum(send), 3)
+    dist.all_to_all_single(expected_grad, grad_out, send, recv, group=pg)
+    assert torch.equal(x.grad, expected_grad), (type(algo).__name__, seed, "grad")
+
+
+def strided_nodes(rank: int, world: int) -> dict:
+    """Hosts alternate (nodes {0, 2} and {1, 3}); EP groups {0, 2} and {1, 3} are strided."""
+    topology_module.host_identity = lambda: f"host{rank % 2}"
+    strided = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+    cases = {"world, nodes from hosts": (None, None),
+             "strided group, torchrun numbering": (strided, 2),
+             "strided group, nodes from hosts": (strided, None)}
+    nodes = {}
+    for label, (pg, local_size) in cases.items():
+        group = EPGroup.resolve(pg)
+        ranks = dist.get_process_group_ranks(group.pg)
+        topo = topology(group, local_size)
+        nodes[label] = [[ranks[r] for r in node] for node in topo.nodes()]
+        for name in ("2dh", "pipe"):
+            for seed in range(3):
+                matches_flat(registry("a2a").get(name)(group, local_size), group.pg, seed)
+    return nodes
+
+
+def test_nodes_come_from_hosts_and_strided_groups_get_the_right_nodes():
+    per_rank = run_ranks(strided_nodes, 4, timeout=120)
+    assert per_rank[0] == per_rank[2] and per_rank[1] == per_rank[3]
+    assert per_rank[0]["world, nodes from hosts"] == [[0, 2], [1, 3]]
+    assert per_rank[0]["strided group, torchrun numbering"] == [[0], [2]]  # nodes {0,1}, {2,3}
+    assert per_rank[1]["strided group, torchrun numbering"] == [[1], [3]]
+    assert per_rank[0]["strided group, nodes from hosts"] == [[0, 2]]  # both on host0
+    assert per_rank[1]["strided group, nodes from hosts"] == [[1, 3]]
+
+
+def test_uneven_nodes_are_refused():
+    from schedmoe.errors import ConfigError
+    from schedmoe.topology import node_order
+    with pytest.raises(ConfigError, match="unevenly"):
+        node_order(["a", "a", "b"], [0, 1, 2])
+    with pytest.raises(ConfigError, match="same order"):
+        node_order(["a", "b", "b", "a"], [0, 1, 2, 3])  # node a = {0, 3}, node b = {1, 2}
+    assert node_order(["a", "b", "a", "b"], [0, 1, 2, 3]) == ((0, 2, 1, 3), 2)

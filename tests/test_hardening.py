@@ -67,11 +67,12 @@ def disagreements(rank: int, world: int) -> dict[str, tuple[str, str]]:
         "lambda activations": lambda: layer(activation=(lambda t: t.relu()) if mine
                                             else (lambda t: t.sigmoid()))(x),
         "capacity factor": lambda: schedmoe.MoELayer(M, E, H, 2, 1.0 if mine else 1.25)(x),
+        # nodes from the hosts vs an explicit count: the same here, not in general
+        "local_size": lambda: layer(local_size=None if mine else world)(x),
         "gate fails on one rank": lambda: layer(gate="fails-on-rank-1")(x),
         # equivalent spellings must agree
         "pipeline spellings": lambda: layer(scheduler="pipeline" if mine
                                             else PipelineScheduler(2))(x),
-        "local_size spellings": lambda: layer(local_size=None if mine else world)(x),
         "a2a spellings": lambda: layer(a2a="nccl" if mine else
                                        schedmoe.a2a_algos.FlatA2A)(x),
         "activation spellings": lambda: layer(activation="gelu" if mine else F.gelu)(x),
@@ -98,6 +99,7 @@ def test_disagreements_raise_the_same_typed_error_on_every_rank():
         "grad mode": (InputError.__name__, "autograd state"),
         "lambda activations": (ConfigMismatchError.__name__, "activation differs"),
         "capacity factor": (ConfigMismatchError.__name__, "1.25"),
+        "local_size": (ConfigMismatchError.__name__, "local_size"),
         "gate fails on one rank": (StepError.__name__, "custom gate broke"),
     }
     for name in per_rank[0]:

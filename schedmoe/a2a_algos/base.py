@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ..distributed import EPGroup, collective
 from ..errors import A2AError
 from ..topology import Topology, topology
+from .segments import permute
 
 Splits = Sequence[int] | None
 
@@ -37,9 +38,13 @@ class A2AHandle:
 class A2AAlgorithm(ABC):
     """One way of doing all_to_all_single over an EP group. Subclasses implement `_start`.
 
-    `local_size` is the number of ranks per node (default: torchrun's LOCAL_WORLD_SIZE); only
-    topology-aware algorithms use it, through `self.topology`.
+    Topology-aware algorithms (`uses_topology = True`) see `self.topology` and work on node
+    positions (`topology.py`): `start` hands them the payload in position order and puts what
+    they return back in rank order, a no-op when every node's ranks are consecutive.
+    `local_size`: None finds the nodes from the hosts; an int numbers them as torchrun does.
     """
+
+    uses_topology = False
 
     def __init__(self, group: EPGroup, local_size: int | None = None) -> None:
         self.group = group
@@ -60,7 +65,13 @@ class A2AAlgorithm(ABC):
         if not self.group.distributed:
             return A2AHandle(lambda: x)
         even = input_splits is None and output_splits is None
-        return self._start(x.contiguous(), send, recv, even)
+        if not self.uses_topology or self.topology.in_rank_order:
+            return self._start(x.contiguous(), send, recv, even)
+        order = self.topology.order  # position -> group rank
+        send_p, recv_p = [send[r] for r in order], [recv[r] for r in order]
+        handle = self._start(permute(x, send, order), send_p, recv_p, even)
+        back = [order.index(r) for r in range(len(order))]  # group rank -> position
+        return A2AHandle(lambda: permute(handle.wait(), recv_p, back))
 
     @abstractmethod
     def _start(self, x: torch.Tensor, send: list[int], recv: list[int],

@@ -21,7 +21,9 @@ from .segments import regroup
 
 @register_a2a("2dh")
 class Hierarchical2D(A2AAlgorithm):
-    """Two-phase hierarchical exchange (Tutel / DeepSpeed style)."""
+    """Two-phase hierarchical exchange (Tutel / DeepSpeed style), on node positions."""
+
+    uses_topology = True
 
     def _start(self, x: torch.Tensor, send: list[int], recv: list[int],
                even: bool) -> A2AHandle:

@@ -20,6 +20,10 @@ from .segments import offsets
 
 @register_a2a("pipe")
 class PipeA2A(A2AAlgorithm):
+    """Intra-node and inter-node pairs at once, on node positions (`group_peer` maps back)."""
+
+    uses_topology = True
+
     def _start(self, x: torch.Tensor, send: list[int], recv: list[int],
                even: bool) -> A2AHandle:
         topo = self.topology
@@ -38,12 +42,13 @@ class PipeA2A(A2AAlgorithm):
             for peer in range(self.group.size):
                 if topo.same_node(peer):
                     continue
+                rank = topo.order[peer]
                 if send[peer]:
                     ops.append(dist.P2POp(dist.isend, x[send_at[peer]:send_at[peer + 1]],
-                                          group=topo.spare.pg, group_peer=peer))
+                                          group=topo.spare.pg, group_peer=rank))
                 if recv[peer]:
                     ops.append(dist.P2POp(dist.irecv, out[recv_at[peer]:recv_at[peer + 1]],
-                                          group=topo.spare.pg, group_peer=peer))
+                                          group=topo.spare.pg, group_peer=rank))
             if ops:
                 works.extend(dist.batch_isend_irecv(ops))
 

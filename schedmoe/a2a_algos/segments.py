@@ -20,6 +20,13 @@ def regroup(x: torch.Tensor, sizes_AB: list[list[int]]) -> torch.Tensor:
     return torch.cat([pieces[a * num_b + b] for b in range(num_b) for a in range(num_a)])
 
 
+def permute(x: torch.Tensor, sizes: list[int], order: list[int] | tuple[int, ...]
+            ) -> torch.Tensor:
+    """`x` holds segments of `sizes` rows; return segment order[0], then order[1], ..."""
+    pieces = torch.split(x, list(sizes))
+    return torch.cat([pieces[i] for i in order]) if pieces else x
+
+
 def offsets(sizes: list[int]) -> list[int]:
     """Start row of each segment, plus the total at the end."""
     out = [0]
