@@ -44,3 +44,8 @@ class RankError(SchedMoEError):
 
 class UnsupportedModelError(SchedMoEError, TypeError):
     """schedmoe.hf was given a model or MoE block type it does not know how to convert."""
+
+
+class CheckpointError(SchedMoEError, ValueError):
+    """A checkpoint or state dict does not fit the model it is loaded into (other experts,
+    another num_experts or expert shape)."""

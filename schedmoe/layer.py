@@ -33,6 +33,7 @@ from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
 from .ops.experts import activation_name, mark_expert_parameters
 from .ops.shared import SharedExperts
+from .parallel.identity import load_expert_range, save_expert_range
 from .routers.balance import BALANCE_LOSSES, balance_loss
 from .registry import registry
 from .schedulers.base import Scheduler, SharedWork, StepContext
@@ -156,7 +157,12 @@ class MoELayer(nn.Module):
     `layer.aux_loss` and `y.l_aux` (the `balance_loss` form, GShard's by default, +
     z_loss_weight * z-loss).
     Each rank owns experts `[rank * E/W, (rank + 1) * E/W)`; their parameters carry
-    `param.expert = True` and `param.allreduce = False` for data-parallel wrappers.
+    `param.expert = True` and `param.allreduce = False` for data-parallel wrappers (the recipes
+    in `schedmoe.parallel` use them). Its state dict records which experts it holds
+    (`expert_range`, parallel/identity.py), so that one rank's file cannot load into another
+    rank's experts. `balance_group`: the ranks over which the "global" balance loss sums its
+    choice counts (default the EP group; the whole data-parallel world makes it the loss of the
+    global batch).
 
     Seed rule: the gate is drawn from the global RNG (identical on every rank seeded alike, as
     data parallelism needs); the experts are drawn from a generator seeded with one draw of the
@@ -166,11 +172,12 @@ class MoELayer(nn.Module):
 
     def __init__(self, model_dim: int, num_experts: int, hidden_dim: int, top_k: int = 2,
                  capacity_factor: float = 1.0, *, group: dist.ProcessGroup | None = None,
-                 **options) -> None:
+                 balance_group: dist.ProcessGroup | None = None, **options) -> None:
         super().__init__()
         self.config = MoEConfig(model_dim, num_experts, hidden_dim, top_k, capacity_factor,
                                 **options)
         self.group = EPGroup.resolve(group)
+        self.balance_group = balance_group
         cfg = self.config
         cfg.validate(self.group.size)
         self.num_local_experts = cfg.num_experts // self.group.size
@@ -206,6 +213,9 @@ class MoELayer(nn.Module):
 
         self.aux_loss: torch.Tensor | None = None
         self.last_stats: LayerStats | None = None
+        # Which experts this rank's state dict holds (parallel/identity.py).
+        self.register_state_dict_post_hook(save_expert_range)
+        self.register_load_state_dict_pre_hook(load_expert_range)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -251,7 +261,7 @@ class MoELayer(nn.Module):
         if balance is None:
             sequences = x.shape[0] if x.dim() == 3 else 1
             balance = balance_loss(cfg.balance_loss, routing.probs_TE, routing.expert_TK,
-                                   sequences, self.group.pg)
+                                   sequences, self.balance_group or self.group.pg)
         aux = balance + cfg.z_loss_weight * routing.z_loss
         if not recompute:
             self.aux_loss = aux

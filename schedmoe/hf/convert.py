@@ -20,6 +20,7 @@ from torch import nn
 from ..distributed import EPGroup
 from ..errors import UnsupportedModelError
 from ..layer import MoELayer
+from ..parallel.checkpoint import gather_experts
 from .families import (FAMILIES, Family, expert_tensors, hf_expert_tensors, hf_shared_tensors,
                        looks_like_moe, shared_tensors)
 
@@ -124,7 +125,7 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[key] = value
     for name, block in blocks.items():
         layer, family = block.moe, block.family
-        ours = {n: _gather(p.detach(), layer.group) for n, p in layer.experts.named_parameters()}
+        ours = {n: gather_experts(p.detach(), layer.group) for n, p in layer.experts.named_parameters()}
         for key, value in hf_expert_tensors(ours, family.layout).items():
             out[f"{name}.experts.{key}"] = value
         if family.shared is not None:
@@ -134,12 +135,3 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if family.shared_gate is not None:
             out[f"{name}.{family.shared_gate}.weight"] = layer.shared.gate_1M.detach().clone()
     return out
-
-
-def _gather(local_n: torch.Tensor, group: EPGroup) -> torch.Tensor:
-    """Every rank's local experts, in rank order: the global [E, ...] tensor."""
-    if not group.distributed:
-        return local_n.clone()
-    parts = [torch.empty_like(local_n) for _ in range(group.size)]
-    dist.all_gather(parts, local_n.contiguous(), group=group.pg)
-    return torch.cat(parts)

@@ -93,8 +93,13 @@ class Expert(nn.Module):
             return form(x_RM, grouped)
         outs = [form(piece, _one_expert(e)) for e, piece in enumerate(torch.split(x_RM, counts))
                 if piece.shape[0]]
-        # no rows at all: an empty output that still hangs off the input
-        return torch.cat(outs) if outs else x_RM[:, :self.model_dim] * 0
+        if outs:
+            return torch.cat(outs)
+        # No rows here, some elsewhere: the output must still hang off the input and the
+        # parameters, so that autograd runs this rank's side of the backward exchanges like
+        # every other rank's (inside the module's call, where FSDP has the parameters whole).
+        return x_RM[:, :self.model_dim] * 0 + sum(p.reshape(-1)[:1].sum() * 0
+                                                  for p in self.parameters())
 
     def _grouped_mm_fits(self, x_RM: torch.Tensor) -> bool:
         """torch._grouped_mm needs fp32/bf16/fp16 and rows of a multiple of 16 bytes."""

@@ -8,9 +8,11 @@ probability of expert e and f_e the fraction of routed choices that went to e:
 - "topk": f over all k choices (Switch's form generalised to k; equal to gshard for k = 1).
 - "sequence": the topk form per sequence (the input's [B, S, M] rows), averaged over sequences
   (DeepSeek-V3's sequence-wise loss).
-- "global": the topk form with the choice counts summed over the EP group (Megatron's
-  global-batch loss): every rank's router is pushed towards the group's balance, not its own.
-  Costs an all-reduce of E counts per call.
+- "global": the topk form with the choice counts summed over the layer's `balance_group`
+  (default the EP group; Megatron's global-batch loss): every rank's router is pushed towards
+  the group's balance, not its own. Over the whole data-parallel world, the mean of the ranks'
+  losses is the loss of the global batch, whatever the layout. Costs an all-reduce of E counts
+  per call.
 Every form is 1.0 when the routing is perfectly balanced.
 
 Auxiliary-loss-free balancing (DeepSeek-V3): a router with a selection-only bias

@@ -107,13 +107,6 @@ class StepContext:
             with self.rec("experts", chunk):
                 y_RM = self.experts.forward_ragged(recv_WECM.index_select(0, perm_R).to(dtype),
                                                    counts).to(recv_WECM.dtype)
-                if y_RM.shape[0] == 0:
-                    # No rows here, some elsewhere: the output must still hang off the input
-                    # and the experts' parameters, so that autograd runs this rank's side of
-                    # the backward exchanges like every other rank's.
-                    y_RM = y_RM + sum((p.reshape(-1)[:1].sum() * 0
-                                       for p in self.experts.parameters()),
-                                      recv_WECM.sum() * 0)
                 return torch.empty_like(y_RM).index_copy(0, perm_R, y_RM)
         world, experts, capacity, model_dim = recv_WECM.shape
         with self.rec("experts", chunk):

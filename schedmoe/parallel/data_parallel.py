@@ -1,0 +1,155 @@
+"""Data parallelism that keeps experts right: a DDP recipe, an FSDP2 recipe, and global-norm
+gradient clipping.
+
+Legend: W ranks = EDP x EP (mesh.py).
+
+Gradient scale rule. Every rank computes the mean loss of its own share of the global batch,
+so the global loss is the mean over the W ranks. A dense gradient is then the mean over all W
+ranks (what DDP and FSDP do by default). An expert's gradient on one rank already sums the
+contributions of the tokens of every rank of its EP group (the backward exchange brings them
+home), so the global gradient is the SUM over its EDP group divided by W (= the EDP mean times
+1/EP; Megatron's `expert_gradient_scaling_factor = edp / dp`). With it, EP x DP training on the
+global batch equals single-process training on it (tests/test_parallel.py). The balance loss
+is part of that only if it is one of the global batch: `balance_loss="global"` with
+`balance_group` = the whole world (what `schedmoe train` uses).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor, Replicate
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import ConfigError
+from ..ops.experts import is_expert_parameter
+from .mesh import ParallelLayout, check_layers
+
+
+def data_parallel(model: nn.Module, layout: ParallelLayout,
+                  **ddp_options) -> DistributedDataParallel:
+    """`model` in DDP over every rank for its dense parameters, its expert parameters kept out
+    of DDP (which would average every expert with other ranks' different experts) and reduced
+    over their EDP group at the end of each backward that DDP syncs (not under `no_sync()`),
+    with the scale rule above. Experts start equal across their EDP group (broadcast from its
+    first rank, as DDP broadcasts rank 0's dense parameters)."""
+    check_layers(model, layout)
+    names = [n for n, p in model.named_parameters() if is_expert_parameter(p)]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    ddp = DistributedDataParallel(model, process_group=layout.dp_group, **ddp_options)
+    experts = [p for p in model.parameters() if is_expert_parameter(p)]
+    source = dist.get_global_rank(layout.edp_group, 0)
+    with torch.no_grad():
+        for p in experts:
+            dist.broadcast(p.data, source, group=layout.edp_group)
+    ddp.expert_sync = ExpertGradSync(ddp, experts, layout)
+    return ddp
+
+
+class ExpertGradSync:
+    """Reduces the expert gradients over the EDP group once per synced backward: queued by the
+    first gradient of the backward pass, run when autograd finishes it (one flat all-reduce per
+    dtype; every expert parameter takes part, a missing gradient as zeros, so the ranks' calls
+    always match)."""
+
+    def __init__(self, ddp: DistributedDataParallel, params: list[nn.Parameter],
+                 layout: ParallelLayout) -> None:
+        self.ddp, self.params, self.layout = ddp, params, layout
+        self.queued = False
+        for p in ddp.module.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._queue)
+
+    def _queue(self, _param: torch.Tensor) -> None:
+        if not self.queued and self.ddp.require_backward_grad_sync:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.reduce)
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        self.queued = False
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in self.params:
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        for grads in buckets.values():
+            flat = _flatten_dense_tensors(grads)
+            flat.mul_(1.0 / self.layout.world_size)
+            if self.layout.edp_size > 1:
+                dist.all_reduce(flat, group=self.layout.edp_group)
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
+
+
+def fully_shard_moe(model: nn.Module, layout: ParallelLayout, **fsdp_options) -> nn.Module:
+    """FSDP2 (`fully_shard`) for an MoE model: each layer's experts sharded on their own EDP
+    mesh (their gradients reduce-scattered there, divided by W: the scale rule), then the rest
+    of the model on the whole world. Returns `model` (now an FSDPModule)."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from ..schedulers import SequentialScheduler
+
+    layers = check_layers(model, layout)
+    for layer in layers:
+        if not isinstance(layer.scheduler, SequentialScheduler):
+            # Measured: the pipelined schedules run each chunk's expert backward inside their
+            # own backward, where FSDP2's post-backward hooks lose all but one chunk's gradient.
+            raise ConfigError(
+                f"the FSDP2 recipe needs scheduler='sequential', this layer has "
+                f"{layer.scheduler.describe()}; use data_parallel (the DDP recipe) with "
+                "pipelined or adaptive schedules")
+    for layer in layers:
+        fully_shard(layer.experts, mesh=layout.mesh["edp"], **fsdp_options)
+        register_fsdp_forward_method(layer.experts, "forward_ragged")  # dropless calls it
+        layer.experts.set_gradient_divide_factor(float(layout.world_size))
+        if dist.get_backend(layout.edp_group) == "gloo":  # no PREMUL_SUM: sum, then divide
+            layer.experts.set_force_sum_reduction_for_comms(True)
+    return fully_shard(model, mesh=layout.world_mesh, **fsdp_options)
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
+                    norm_type: float = 2.0) -> torch.Tensor:
+    """Clip every gradient of `model` (DDP or FSDP2 recipe) by the global norm, counting every
+    parameter element once: a replicated gradient (dense under DDP, an expert across its EDP
+    group) only on the first rank that holds it, a sharded one (FSDP2) on each shard's rank.
+    Returns the total norm (the same on every rank), like torch.nn.utils.clip_grad_norm_."""
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    owned = [_local(g) for p in module.parameters() if p.grad is not None
+             for g in [p.grad] if _first_holder(p, g, layout)]
+    device = grads[0].device if grads else torch.device("cpu")
+    if norm_type == math.inf:
+        total = torch.stack([g.abs().max().float() for g in owned if g.numel()] or
+                            [torch.zeros((), device=device)]).max()
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    else:
+        total = torch.stack([g.float().norm(norm_type) ** norm_type for g in owned] or
+                            [torch.zeros((), device=device)]).sum()
+        dist.all_reduce(total)
+        total = total ** (1.0 / norm_type)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch's, without a host sync
+    for g in grads:
+        _local(g).mul_(coef.to(g.dtype))
+    return total
+
+
+def _local(g: torch.Tensor) -> torch.Tensor:
+    return g.to_local() if isinstance(g, DTensor) else g
+
+
+def _first_holder(p: torch.Tensor, g: torch.Tensor, layout: ParallelLayout) -> bool:
+    """Whether this rank counts `g` in the global norm (see clip_grad_norm_)."""
+    if isinstance(g, DTensor):  # sharded: count each shard; replicated dims: the first rank
+        coords = g.device_mesh.get_coordinate()
+        return all(c == 0 for c, place in zip(coords, g.placements)
+                   if isinstance(place, Replicate))
+    if is_expert_parameter(p):
+        return layout.edp_rank == 0
+    return dist.get_rank() == 0
