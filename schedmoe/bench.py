@@ -12,7 +12,6 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -20,7 +19,6 @@ import torch.distributed as dist
 
 from .layer import MoELayer
 from .recorder import TraceEvent
-from .topology import release as release_groups
 from .schedulers.pipeline import PipelineScheduler
 
 
@@ -167,32 +165,11 @@ def format_table(summary: dict) -> str:
 
 def run(cfg: BenchConfig, ranks: int | None = None, timeout: float = 600.0) -> dict:
     """Run under torchrun if launched by it, else spawn local ranks; returns the summary."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return _run_torchrun(cfg, timeout)
-    from .launch import spawn
+    from .launch import run_ranks_here
 
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    backend = "nccl" if gpus else "gloo"
-    world = ranks or (gpus if gpus else 4)
-    threads = 1 if gpus else max(1, (os.cpu_count() or 1) // world)
-    per_rank = spawn(run_rank, world, (cfg,), backend=backend, timeout=timeout,
-                     collective_timeout=120.0, threads_per_rank=threads)
-    return summarize(cfg, per_rank, backend)
-
-
-def _run_torchrun(cfg: BenchConfig, timeout: float) -> dict:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    try:
-        mine = run_rank(dist.get_rank(), dist.get_world_size(), cfg)
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, mine)
-    finally:
-        release_groups()
-        dist.destroy_process_group()
-    return summarize(cfg, gathered, backend)
+    per_rank = run_ranks_here(run_rank, (cfg,), ranks, timeout=timeout,
+                              collective_timeout=120.0 if "RANK" not in os.environ else timeout)
+    return summarize(cfg, per_rank, "nccl" if torch.cuda.is_available() else "gloo")
 
 
 def save_trace(summary: dict, prefix: str) -> None:

@@ -65,6 +65,53 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="every prediction as JSON")
 
 
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    from .train.run import TrainConfig
+
+    p = sub.add_parser("train", help="train a small MoE language model with expert parallelism",
+                       description="Trains a small MoE language model (transformer blocks with "
+                       "MoELayer FFNs) on Python's standard-library source with EP x DP on local "
+                       "ranks (4 gloo ranks, or one per GPU with NCCL) or under torchrun.")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="local ranks to spawn (default: one per GPU, else 4)")
+    _add_dataclass_options(p, TrainConfig)
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="save checkpoints to DIR/step-NNNNNN every --checkpoint-every steps and "
+                   "at the end")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint-dir (any --ranks "
+                   "and --ep-size; --steps is the total)")
+    p.add_argument("--json", metavar="PATH", help="save the loss curve and tokens/s as JSON")
+    p.add_argument("--png", metavar="PATH",
+                   help="save the loss curve as a PNG (default: the --json path with .png)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train.run import TrainConfig, save_curve, train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    record = train(cfg, ranks=args.ranks, checkpoint_dir=args.checkpoint_dir,
+                   resume=args.resume, progress=not args.no_progress, timeout=args.timeout)
+    if int(os.environ.get("RANK", 0)):
+        return
+    history = record["history"]
+    if history:
+        rates = sorted(h["tokens_per_s"] for h in history)
+        print(f"{record['layout']}: step {history[-1]['step']}, loss {history[-1]['loss']:.4f} "
+              f"(first {history[0]['loss']:.4f}), median {rates[len(rates) // 2]:.0f} tokens/s"
+              + (f", resumed from {record['resumed_from']}" if record["resumed_from"] else ""))
+    png = args.png or (os.path.splitext(args.json)[0] + ".png" if args.json else None)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"saved {args.json}")
+    if png:
+        save_curve(record, png)
+        print(f"saved {png}")
+
+
 def _degrees(text: str) -> list[int]:
     if "-" in text:
         lo, hi = map(int, text.split("-"))
@@ -114,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     _simulate_parser(sub)
+    _train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "simulate":
         _simulate(args)
+        return 0
+    if args.command == "train":
+        _train(args)
         return 0
 
     if args.command == "bench":

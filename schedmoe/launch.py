@@ -26,6 +26,32 @@ from .errors import RankError
 from .topology import release as release_groups
 
 
+def run_ranks_here(fn: Callable[..., Any], args: Sequence[Any] = (), ranks: int | None = None,
+                   timeout: float = 600.0, collective_timeout: float = 120.0) -> list[Any]:
+    """`fn(rank, world_size, *args)` on every rank; the ranks' results in rank order. Under
+    torchrun (RANK and WORLD_SIZE set) this process is one rank (results all-gathered);
+    otherwise local ranks are spawned: one per GPU with NCCL, else `ranks` (default 4) gloo
+    ranks sharing the CPU cores."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend = "nccl" if gpus else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout))
+        try:
+            mine = fn(dist.get_rank(), dist.get_world_size(), *args)
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, mine)
+        finally:
+            release_groups()
+            dist.destroy_process_group()
+        return gathered
+    world = ranks or (gpus if gpus else 4)
+    threads = 1 if gpus else max(1, (os.cpu_count() or 1) // world)
+    return spawn(fn, world, args, backend=backend, timeout=timeout,
+                 collective_timeout=collective_timeout, threads_per_rank=threads)
+
+
 class RemoteError(Exception):
     """Stand-in for a rank's exception that could not be pickled back."""
 

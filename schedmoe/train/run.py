@@ -1,0 +1,162 @@
+"""`schedmoe train`: a small MoE language model trained with expert parallelism, end to end.
+
+The model (`model.py`) has its MoE layers over the layout's EP group, dropless, with the
+global-batch balance loss over the whole world; the global batch of a step depends on the step
+alone (`data.py`) and each rank takes an equal share. So the run is the same training (up to
+rounding) at any `--ranks` and `--ep-size`, and a run resumed from a checkpoint at another
+layout continues the same curve. Checkpoints (`schedmoe.parallel` DCP, with the optimizer and
+the loss history) go to DIR/step-NNNNNN every `checkpoint_every` steps and at the end; a
+checkpoint is complete once DCP has written its `.metadata`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import parallel
+from ..errors import ConfigError
+from ..launch import run_ranks_here
+from .data import CharCorpus, shard
+from .model import MoELM, lm_loss
+
+# What must not change when a run resumes (everything else may: layout, steps, schedule).
+SAME_ON_RESUME = ("batch", "seq", "dim", "layers", "heads", "num_experts", "hidden_dim",
+                  "top_k", "lr", "aux_weight", "clip", "seed")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # the total: a resumed run stops where the uninterrupted one does
+    ep_size: int = 0  # 0: every rank (EP = world)
+    batch: int = 16  # global batch, sequences
+    seq: int = 64
+    dim: int = 64
+    layers: int = 2
+    heads: int = 4
+    num_experts: int = 8
+    hidden_dim: int = 128
+    top_k: int = 2
+    lr: float = 3e-3
+    aux_weight: float = 0.01
+    clip: float = 1.0
+    seed: int = 0
+    recipe: str = "ddp"  # "ddp" or "fsdp"
+    scheduler: str = "sequential"
+    a2a: str = "nccl"
+    checkpoint_every: int = 50
+
+
+def train(cfg: TrainConfig, ranks: int | None = None, checkpoint_dir: str | None = None,
+          resume: bool = False, progress: bool = True, timeout: float = 3600.0) -> dict:
+    """Run the training on local ranks (or under torchrun); returns rank 0's record."""
+    if resume and not checkpoint_dir:
+        raise ConfigError("--resume needs --checkpoint-dir")
+    per_rank = run_ranks_here(train_rank, (cfg, checkpoint_dir, resume, progress), ranks,
+                              timeout=timeout)
+    return per_rank[0]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The complete checkpoint of the highest step in `directory`, if any."""
+    done = sorted(p for p in Path(directory).glob("step-*") if (p / ".metadata").exists())
+    return done[-1] if done else None
+
+
+def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | None,
+               resume: bool, progress: bool) -> dict:
+    layout = parallel.init_parallel(cfg.ep_size or world)
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    data = CharCorpus()
+    torch.manual_seed(cfg.seed)
+    model = MoELM(len(data.vocab), dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, seq=cfg.seq,
+                  hidden_dim=cfg.hidden_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
+                  capacity_factor=0, balance_loss="global", scheduler=cfg.scheduler, a2a=cfg.a2a,
+                  group=layout.ep_group, balance_group=layout.dp_group).to(device)
+    if cfg.recipe not in ("ddp", "fsdp"):
+        raise ConfigError(f"recipe must be 'ddp' or 'fsdp', got {cfg.recipe!r}")
+    wrapped = parallel.data_parallel(model, layout) if cfg.recipe == "ddp" else \
+        parallel.fully_shard_moe(model, layout)
+    opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
+    history: list[dict] = []
+    start, resumed_from = 0, None
+    if resume:
+        found = latest_checkpoint(checkpoint_dir)
+        if found is not None:
+            extra = parallel.load_checkpoint(found, wrapped, opt, layout)
+            _check_resumable(extra["config"], cfg)
+            start, history, resumed_from = extra["step"], extra["history"], str(found)
+    bar = _progress_bar(cfg.steps, start) if progress and rank == 0 else None
+    for step in range(start, cfg.steps):
+        began = time.perf_counter()
+        inputs_BS, targets_BS = (shard(t, rank, world).to(device)
+                                 for t in data.batch(step, cfg.batch, cfg.seq, cfg.seed))
+        loss, ce, aux = lm_loss(wrapped, inputs_BS, targets_BS, cfg.aux_weight)
+        opt.zero_grad()
+        loss.backward()
+        parallel.clip_grad_norm_(wrapped, cfg.clip, layout)
+        opt.step()
+        dropped = sum(layer.last_stats.dropped for layer in parallel.moe_layers(model))
+        # Logging: one all-reduce and one host sync per step.
+        stats = torch.stack([ce.detach().float(), aux.detach().float(),
+                             torch.tensor(float(dropped), device=device)])
+        dist.all_reduce(stats)
+        seconds = time.perf_counter() - began
+        history.append({"step": step + 1, "loss": stats[0].item() / world,
+                        "aux": stats[1].item() / world, "dropped": int(stats[2].item()),
+                        "tokens_per_s": cfg.batch * cfg.seq / seconds})
+        if bar is not None:
+            last = history[-1]
+            bar.set_postfix(loss=f"{last['loss']:.4f}", aux=f"{last['aux']:.3f}",
+                            tok_s=f"{last['tokens_per_s']:.0f}", dropped=last["dropped"])
+            bar.update(1)
+        if checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            parallel.save_checkpoint(Path(checkpoint_dir) / f"step-{step + 1:06d}", wrapped, opt,
+                                     layout, extra={"step": step + 1, "history": history,
+                                                    "config": asdict(cfg)})
+    if bar is not None:
+        bar.close()
+    return {"config": asdict(cfg), "world": world, "layout": layout.describe(),
+            "backend": dist.get_backend(), "resumed_from": resumed_from, "history": history}
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    changed = {k: (saved[k], getattr(cfg, k)) for k in SAME_ON_RESUME if saved[k] != getattr(cfg, k)}
+    if changed:
+        raise ConfigError("the checkpoint was trained with other settings; resume with the same "
+                          + ", ".join(f"--{k.replace('_', '-')} {old} (not {new})"
+                                      for k, (old, new) in changed.items()))
+
+
+def _progress_bar(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="schedmoe train", unit="step")
+
+
+def save_curve(record: dict, path: str, others: dict[str, dict] | None = None) -> None:
+    """The loss curve (and any `others`, by label) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, rec in {"this run": record, **(others or {})}.items():
+        steps = [h["step"] for h in rec["history"]]
+        ax.plot(steps, [h["loss"] for h in rec["history"]], label=label, linewidth=1.2)
+    cfg = record["config"]
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (global batch)")
+    ax.set_title(f"schedmoe train: {record['layout']}, {cfg['num_experts']} experts, "
+                 f"top-{cfg['top_k']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
