@@ -140,17 +140,19 @@ def _progress_bar(total: int, initial: int):
     return tqdm(total=total, initial=initial, desc="schedmoe train", unit="step")
 
 
-def save_curve(record: dict, path: str, others: dict[str, dict] | None = None) -> None:
-    """The loss curve (and any `others`, by label) as a PNG."""
+def save_curve(record: dict, path: str, label: str = "loss",
+               others: dict[str, dict] | None = None) -> None:
+    """The loss curve (and any `others`, by label, dashed) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, rec in {"this run": record, **(others or {})}.items():
+    for i, (name, rec) in enumerate({label: record, **(others or {})}.items()):
         steps = [h["step"] for h in rec["history"]]
-        ax.plot(steps, [h["loss"] for h in rec["history"]], label=label, linewidth=1.2)
+        ax.plot(steps, [h["loss"] for h in rec["history"]], label=name, linewidth=1.2,
+                linestyle="-" if i == 0 else "--")
     cfg = record["config"]
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (global batch)")
