@@ -211,11 +211,17 @@ def load_then_step(rank: int, world: int, path: str, ep_size: int, recipe: str
     return loss[0], plain_state(model), extra
 
 
+@pytest.fixture(scope="module")
+def ep4_checkpoint(tmp_path_factory) -> tuple[str, list]:
+    """A checkpoint saved at EP 4 after three steps, and what the next step gave there."""
+    path = str(tmp_path_factory.mktemp("ep4") / "ckpt")
+    return path, run_ranks(save_then_step, 4, path, timeout=120)
+
+
 @pytest.mark.parametrize("world,ep_size,recipe", [(4, 2, "ddp"), (4, 1, "ddp"), (2, 2, "ddp"),
                                                   (4, 2, "fsdp")])
-def test_checkpoint_at_ep4_resumes_at_another_layout(tmp_path, world, ep_size, recipe):
-    path = str(tmp_path / "ckpt")
-    saved = run_ranks(save_then_step, 4, path, timeout=120)
+def test_checkpoint_at_ep4_resumes_at_another_layout(ep4_checkpoint, world, ep_size, recipe):
+    path, saved = ep4_checkpoint
     resumed = run_ranks(load_then_step, world, path, ep_size, recipe, timeout=120)
     assert {r[2]["step"] for r in resumed} == {3}
     # the global batch's loss: the mean of the ranks' (equal shares)
@@ -240,9 +246,8 @@ def load_mismatched(rank: int, world: int, path: str, what: str) -> str:
 
 
 @pytest.mark.parametrize("what", ["experts", "hidden"])
-def test_checkpoint_into_another_expert_shape_is_a_clear_error(tmp_path, what):
-    path = str(tmp_path / "ckpt")
-    run_ranks(save_then_step, 4, path, timeout=120)
+def test_checkpoint_into_another_expert_shape_is_a_clear_error(ep4_checkpoint, what):
+    path, _ = ep4_checkpoint
     messages = run_ranks(load_mismatched, 4, path, what, timeout=120)
     for message in messages:
         assert "global shape" in message and "num_experts" in message, message

@@ -125,7 +125,8 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             out[key] = value
     for name, block in blocks.items():
         layer, family = block.moe, block.family
-        ours = {n: gather_experts(p.detach(), layer.group) for n, p in layer.experts.named_parameters()}
+        ours = {n: gather_experts(p.detach(), layer.group)
+                for n, p in layer.experts.named_parameters()}
         for key, value in hf_expert_tensors(ours, family.layout).items():
             out[f"{name}.experts.{key}"] = value
         if family.shared is not None:

@@ -81,8 +81,11 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
                   group=layout.ep_group, balance_group=layout.dp_group).to(device)
     if cfg.recipe not in ("ddp", "fsdp"):
         raise ConfigError(f"recipe must be 'ddp' or 'fsdp', got {cfg.recipe!r}")
-    wrapped = parallel.data_parallel(model, layout) if cfg.recipe == "ddp" else \
-        parallel.fully_shard_moe(model, layout)
+    if cfg.recipe == "ddp":
+        on_gpu = {"device_ids": [device.index]} if device.type == "cuda" else {}
+        wrapped = parallel.data_parallel(model, layout, **on_gpu)
+    else:
+        wrapped = parallel.fully_shard_moe(model, layout)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
     history: list[dict] = []
     start, resumed_from = 0, None
@@ -127,7 +130,8 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
 
 
 def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    changed = {k: (saved[k], getattr(cfg, k)) for k in SAME_ON_RESUME if saved[k] != getattr(cfg, k)}
+    changed = {k: (saved[k], getattr(cfg, k)) for k in SAME_ON_RESUME
+               if saved[k] != getattr(cfg, k)}
     if changed:
         raise ConfigError("the checkpoint was trained with other settings; resume with the same "
                           + ", ".join(f"--{k.replace('_', '-')} {old} (not {new})"
