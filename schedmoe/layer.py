@@ -49,7 +49,7 @@ class MoEConfig:
     hidden_dim: int
     top_k: int = 2
     capacity_factor: float = 1.0
-    ragged: bool = True  # dropless (cf <= 0) without padding; False pads to the busiest expert
+    ragged: bool = True  # no padding when dropless (cf <= 0) or on one rank; False pads
     drop_policy: str = "position"
     expert: str | type = "ffn"
     activation: str | Callable | None = None  # None: the expert's default
@@ -208,6 +208,9 @@ class MoELayer(nn.Module):
                           else registry("scheduler").resolve(cfg.scheduler)())
         self._agreement = Agreement(self.group, cfg.canonical(self.codecs, self.scheduler))
 
+        # Ragged rows (no padding) wherever they need no extra exchange: dropless (whose split
+        # sizes are swapped anyway), and fixed capacity on one rank (nothing to swap).
+        self.ragged = cfg.ragged and (cfg.capacity_factor <= 0 or not self.group.distributed)
         self._agreed: Agreed | None = None  # what the last call agreed
         self._guess: Agreed | None = None  # what the next call is guessed to agree
 
@@ -337,7 +340,7 @@ class MoELayer(nn.Module):
         failure is recorded for the agreement, which raises it on every rank."""
         cfg = self.config
         local = self._check_input(x, device)
-        if cfg.capacity_factor <= 0 and cfg.ragged:
+        if self.ragged:
             local.counts = [0] * cfg.num_experts
         if local.problem != OK:
             return local, (None, None, None)
