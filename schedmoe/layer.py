@@ -210,7 +210,7 @@ class MoELayer(nn.Module):
 
         # Ragged rows (no padding) wherever they need no extra exchange: dropless (whose split
         # sizes are swapped anyway), and fixed capacity on one rank (nothing to swap).
-        self.ragged = cfg.ragged and (cfg.capacity_factor <= 0 or not self.group.distributed)
+        self.ragged = cfg.ragged and (cfg.capacity_factor <= 0 or self.group.size == 1)
         self._agreed: Agreed | None = None  # what the last call agreed
         self._guess: Agreed | None = None  # what the next call is guessed to agree
 
@@ -277,8 +277,9 @@ class MoELayer(nn.Module):
 
     def _can_guess(self) -> bool:
         """Whether this call's record may ride on its first dispatch (agreement.py): fixed
-        capacity, no error feedback, a scheduler that carries it, more than one rank."""
-        return (self._guess is not None and self.config.capacity_factor > 0
+        capacity in padded rows, no error feedback, a scheduler that carries it, more than one
+        rank."""
+        return (self._guess is not None and self.config.capacity_factor > 0 and not self.ragged
                 and not self.codecs.uses_feedback and self.group.distributed
                 and type(self.scheduler).carries_agreement)
 
