@@ -148,3 +148,27 @@ def feedback(rank: int, world: int) -> list[float]:
 def test_error_feedback_stays_out_of_ragged_exchanges():
     for diffs in run_ranks(feedback, 2, timeout=60):
         assert diffs == [0.0, 0.0, 0.0]
+
+
+def one_rank_groups_fixed_capacity(rank: int, world: int) -> list:
+    """EP groups of one rank in a 2-rank world, fixed capacity with drops: ragged rows (no
+    split sizes to swap), call after call (past the point where padded calls let the
+    agreement ride on the dispatch), equal to the padded layer."""
+    groups = [torch.distributed.new_group([r]) for r in range(world)]
+    outs = {}
+    for ragged in (True, False):
+        torch.manual_seed(0)
+        layer = schedmoe.MoELayer(M, E, H, 2, 0.5, ragged=ragged, group=groups[rank])
+        _skew(layer)
+        assert layer.ragged == ragged
+        x = (torch.randn(32, M, generator=torch.Generator().manual_seed(rank)) + 1.0)
+        outs[ragged] = [layer(x.clone().requires_grad_()) for _ in range(4)]
+        assert layer.last_stats.dropped > 0
+    for a, b in zip(outs[True], outs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    return [layer.last_stats.dropped]
+
+
+def test_one_rank_groups_run_fixed_capacity_ragged():
+    dropped = run_ranks(one_rank_groups_fixed_capacity, 2, timeout=60)
+    assert all(d[0] > 0 for d in dropped)
