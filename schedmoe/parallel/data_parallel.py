@@ -121,9 +121,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
     group) only on the first rank that holds it, a sharded one (FSDP2) on each shard's rank.
     Returns the total norm (the same on every rank), like torch.nn.utils.clip_grad_norm_."""
     module = model.module if isinstance(model, DistributedDataParallel) else model
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    owned = [_local(g) for p in module.parameters() if p.grad is not None
-             for g in [p.grad] if _first_holder(p, g, layout)]
+    params = [p for p in module.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    owned = [_local(p.grad) for p in params if _first_holder(p, p.grad, layout)]
     device = grads[0].device if grads else torch.device("cpu")
     if norm_type == math.inf:
         total = torch.stack([g.abs().max().float() for g in owned if g.numel()] or
