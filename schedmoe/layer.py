@@ -177,7 +177,7 @@ class MoELayer(nn.Module):
         self.config = MoEConfig(model_dim, num_experts, hidden_dim, top_k, capacity_factor,
                                 **options)
         self.group = EPGroup.resolve(group)
-        self.balance_group = balance_group
+        self.balance_group = self.group.pg if balance_group is None else balance_group
         cfg = self.config
         cfg.validate(self.group.size)
         self.num_local_experts = cfg.num_experts // self.group.size
@@ -264,7 +264,7 @@ class MoELayer(nn.Module):
         if balance is None:
             sequences = x.shape[0] if x.dim() == 3 else 1
             balance = balance_loss(cfg.balance_loss, routing.probs_TE, routing.expert_TK,
-                                   sequences, self.balance_group or self.group.pg)
+                                   sequences, self.balance_group)
         aux = balance + cfg.z_loss_weight * routing.z_loss
         if not recompute:
             self.aux_loss = aux

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Hashable
 
 import torch.distributed as dist
@@ -54,9 +55,17 @@ class Topology:
     def num_nodes(self) -> int:
         return self.group.size // self.local_size
 
+    @cached_property  # computed once: same_node runs per peer on the exchange's path
+    def positions(self) -> tuple[int, ...]:
+        """Group rank -> position."""
+        inverse = [0] * len(self.order)
+        for position, rank in enumerate(self.order):
+            inverse[rank] = position
+        return tuple(inverse)
+
     @property
     def position(self) -> int:
-        return self.order.index(self.group.rank)
+        return self.positions[self.group.rank]
 
     @property
     def node(self) -> int:

@@ -132,7 +132,6 @@ def reference_loss(P: dict, x, y):
         counts = torch.bincount(top_e.reshape(-1), minlength=EXPERTS).float()
         aux = aux + EXPERTS * (probs.mean(0) * counts / top_e.numel()).sum()
         h = h + moe.view(h.shape)
-        logits = None
     logits = F.layer_norm(h, (DIM,), P["norm.weight"], P["norm.bias"]) @ P["head.weight"].t() \
         + P["head.bias"]
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))

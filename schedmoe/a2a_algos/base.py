@@ -70,8 +70,7 @@ class A2AAlgorithm(ABC):
         order = self.topology.order  # position -> group rank
         send_p, recv_p = [send[r] for r in order], [recv[r] for r in order]
         handle = self._start(permute(x, send, order), send_p, recv_p, even)
-        back = [order.index(r) for r in range(len(order))]  # group rank -> position
-        return A2AHandle(lambda: permute(handle.wait(), recv_p, back))
+        return A2AHandle(lambda: permute(handle.wait(), recv_p, self.topology.positions))
 
     @abstractmethod
     def _start(self, x: torch.Tensor, send: list[int], recv: list[int],

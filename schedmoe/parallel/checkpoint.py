@@ -27,12 +27,11 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import EPGroup
 from ..errors import CheckpointError
 from .identity import KEY
-from .mesh import ParallelLayout, check_layers, moe_layers
+from .mesh import ParallelLayout, check_layers, local_part, named_moe_layers, unwrap
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module,
@@ -56,19 +55,19 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     dcp.load(state, checkpoint_id=path)
     with torch.no_grad():  # DCP filled the tensors in place; the global views share storage
         for key, original in originals.items():
-            _local(original).copy_(_local(state[key]))
+            local_part(original).copy_(local_part(state[key]))
             state[key] = original
-        params = _unwrap(model).state_dict(keep_vars=True)
+        params = unwrap(model).state_dict(keep_vars=True)
         for key, value in state.items():
             if key.startswith("model."):
-                _local(params[key[len("model."):]]).copy_(_local(value))
+                local_part(params[key[len("model."):]]).copy_(local_part(value))
     if optimizer is not None:
         optim_state = {"state": {}, "param_groups": state["optim.param_groups"]}
         for key, value in state.items():
             if key.startswith("optim.state."):
                 fqn, name = key[len("optim.state."):].rsplit(".", 1)
                 optim_state["state"].setdefault(fqn, {})[name] = value
-        set_optimizer_state_dict(_unwrap(model), optimizer, optim_state)
+        set_optimizer_state_dict(unwrap(model), optimizer, optim_state)
     return json.loads(state["extra"])
 
 
@@ -76,14 +75,12 @@ def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                    layout: ParallelLayout) -> tuple[dict, dict]:
     """One flat dict: "model.<fqn>", "optim.state.<fqn>.<name>", "optim.param_groups"; every
     expert tensor as a DTensor of its global shape. And the tensors those replace, by key."""
-    module = _unwrap(model)
-    layers = {id(layer) for layer in check_layers(module, layout)}
+    module = unwrap(model)
     rows = {}  # expert tensor fqn -> (E, E/EP)
-    for name, layer in module.named_modules():
-        if id(layer) in layers:
-            for pname, _ in layer.experts.named_parameters():
-                rows[f"{name}.experts.{pname}".lstrip(".")] = (layer.config.num_experts,
-                                                               layer.num_local_experts)
+    for name, layer in check_layers(module, layout):
+        for pname, _ in layer.experts.named_parameters():
+            rows[f"{name}.experts.{pname}".lstrip(".")] = (layer.config.num_experts,
+                                                           layer.num_local_experts)
     state, originals = {}, {}
     entries = {f"model.{fqn}": (fqn, value) for fqn, value in module.state_dict().items()
                if fqn.rsplit(".", 1)[-1] != KEY}  # not the plain state dict's identity record
@@ -141,12 +138,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain state dict with every expert gathered over its EP group (a collective: call it
     on every rank; DDP recipe or plain models). Save it from rank 0 with torch.save; it loads
     with `load_state_dict` into the model at any EP size, each rank taking its rows."""
-    module = _unwrap(model)
-    layers = {id(layer) for layer in moe_layers(module)}
+    module = unwrap(model)
     out = module.state_dict()
-    for name, layer in module.named_modules():
-        if id(layer) not in layers:
-            continue
+    for name, layer in named_moe_layers(module):
         prefix = f"{name}." if name else ""
         for pname, p in layer.experts.named_parameters():
             out[f"{prefix}experts.{pname}"] = gather_experts(p.detach(), layer.group)
@@ -162,10 +156,3 @@ def gather_experts(local: torch.Tensor, group: EPGroup) -> torch.Tensor:
     dist.all_gather(parts, local.contiguous(), group=group.pg)
     return torch.cat(parts)
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def _local(value: torch.Tensor) -> torch.Tensor:
-    return value.to_local() if isinstance(value, DTensor) else value

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
 from ..ops.experts import is_expert_parameter
-from .mesh import ParallelLayout, check_layers
+from .mesh import ParallelLayout, check_layers, local_part, unwrap
 
 
 def data_parallel(model: nn.Module, layout: ParallelLayout,
@@ -95,7 +95,7 @@ def fully_shard_moe(model: nn.Module, layout: ParallelLayout, **fsdp_options) ->
 
     from ..schedulers import SequentialScheduler
 
-    layers = check_layers(model, layout)
+    layers = [layer for _, layer in check_layers(model, layout)]
     for layer in layers:
         if not isinstance(layer.scheduler, SequentialScheduler):
             # Measured: the pipelined schedules run each chunk's expert backward inside their
@@ -120,10 +120,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
     parameter element once: a replicated gradient (dense under DDP, an expert across its EDP
     group) only on the first rank that holds it, a sharded one (FSDP2) on each shard's rank.
     Returns the total norm (the same on every rank), like torch.nn.utils.clip_grad_norm_."""
-    module = model.module if isinstance(model, DistributedDataParallel) else model
+    module = unwrap(model)
     params = [p for p in module.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
-    owned = [_local(p.grad) for p in params if _first_holder(p, p.grad, layout)]
+    owned = [local_part(p.grad) for p in params if _first_holder(p, p.grad, layout)]
     device = grads[0].device if grads else torch.device("cpu")
     if norm_type == math.inf:
         total = torch.stack([g.abs().max().float() for g in owned if g.numel()] or
@@ -136,12 +136,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
         total = total ** (1.0 / norm_type)
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as torch's, without a host sync
     for g in grads:
-        _local(g).mul_(coef.to(g.dtype))
+        local_part(g).mul_(coef.to(g.dtype))
     return total
-
-
-def _local(g: torch.Tensor) -> torch.Tensor:
-    return g.to_local() if isinstance(g, DTensor) else g
 
 
 def _first_holder(p: torch.Tensor, g: torch.Tensor, layout: ParallelLayout) -> bool:

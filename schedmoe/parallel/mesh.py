@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import EPGroup
 from ..errors import ConfigError
@@ -105,20 +107,36 @@ def _member_group(rank_lists: list[list[int]], timeout) -> dist.ProcessGroup:
     return mine
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's MoELayers (imported here: the layer module imports this package)."""
+def named_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's MoELayers with their names (imported here: the layer module imports this
+    package)."""
     from ..layer import MoELayer
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
-def check_layers(model: nn.Module, layout: ParallelLayout) -> list[nn.Module]:
-    """The model's MoELayers, after checking that each one's EP group is the layout's."""
+def moe_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's MoELayers."""
+    return [layer for _, layer in named_moe_layers(model)]
+
+
+def check_layers(model: nn.Module, layout: ParallelLayout) -> list[tuple[str, nn.Module]]:
+    """The model's named MoELayers, after checking that each one's EP group is the layout's."""
     want = dist.get_process_group_ranks(layout.ep_group)
-    layers = moe_layers(model)
-    for layer in layers:
+    layers = named_moe_layers(model)
+    for _, layer in layers:
         ranks = (dist.get_process_group_ranks(layer.group.pg) if layer.group.distributed
                  else [dist.get_rank()])
         if ranks != want:
             raise ConfigError(f"an MoELayer's EP group is ranks {ranks}, the layout's is {want}:"
                               " build the layers with group=layout.ep_group")
     return layers
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (FSDP2 modules are the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -87,6 +87,7 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
     else:
         wrapped = parallel.fully_shard_moe(model, layout)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr)
+    layers = parallel.moe_layers(model)
     history: list[dict] = []
     start, resumed_from = 0, None
     if resume:
@@ -105,7 +106,7 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
         loss.backward()
         parallel.clip_grad_norm_(wrapped, cfg.clip, layout)
         opt.step()
-        dropped = sum(layer.last_stats.dropped for layer in parallel.moe_layers(model))
+        dropped = sum(layer.last_stats.dropped for layer in layers)
         # Logging: one all-reduce and one host sync per step.
         stats = torch.stack([ce.detach().float(), aux.detach().float(),
                              torch.tensor(float(dropped), device=device)])
