@@ -1,20 +1,25 @@
-"""Schedulers side by side on the emulated 2 nodes x 2 ranks at 1 Gbit/s, with DeepSpeed-MoE.
+"""Schedulers side by side on an emulated cluster at 1 Gbit/s, with DeepSpeed-MoE.
 
     python experiments/schedule_bench.py            # root; about 12 minutes on 2 cores
     python experiments/schedule_bench.py --steps 4 --workloads 0,5
+    python experiments/schedule_bench.py --layout 2x1   # results/schedule_bench_2x1.*
+
+Layouts: `2x2` (2 nodes x 2 ranks, unpinned: four ranks share the 2 cores, so gloo's transfers
+take CPU from the experts) and `2x1` (2 nodes x 1 rank, each node pinned to a core of its own:
+what a cluster looks like, where communication does not steal compute).
 
 For each of 12 workloads (tokens per rank, model dim, hidden dim, top-k, capacity factor; 8
 experts, 2 per rank, fp32) it times a layer's forward + backward step (slowest rank, median of
 --steps after warm-up) for: `sequential`; `pipeline` at r = 2, 4, 8 (flat A2A); `adaptive`
 (after its profiling and trial steps); every fixed (algorithm, r) in {nccl, 2dh, pipe} x {1, 2, 4, 8}
-(the exhaustive sweep); and DeepSpeed-MoE's `MoE` layer (gloo, ep_size 4, same sizes).
+(the exhaustive sweep); and DeepSpeed-MoE's `MoE` layer (gloo, ep_size = ranks, same sizes).
 
 Derived figures: speedups over sequential; overlap efficiency = max(compute, comm) / step,
 where comm is the sequential step's A2A time (forward + backward) and compute the rest of that
 step; simulator error = adaptive's measured step / the simulator's prediction of that step - 1
 (the prediction is the simulated exchange-expert-exchange region, forward and backward, plus the
 time the profiled steps spent outside it), for its choice and for every candidate it tried.
-Writes experiments/results/schedule_bench.{json,md,png}.
+Writes experiments/results/schedule_bench{,_2x1}.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ WORKLOADS = [
     for k, cf in ((2, 1.25), (1, 2.0))
 ]
 SWEEP = [(a, r) for a in ("nccl", "2dh", "pipe") for r in (1, 2, 4, 8)]
+LAYOUTS = {"2x2": (2, 2, False), "2x1": (2, 1, True)}  # nodes, ranks per node, pinned cores
 
 
 def time_steps(make_and_step, warmup: int, steps: int) -> list[float]:
@@ -215,7 +221,7 @@ def targets(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, layout: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,18 +243,26 @@ def plot(rows: list[dict], path: Path) -> None:
                         f" H{r['workload']['hidden_dim']} k{r['workload']['top_k']}"
                         for r in rows], rotation=30, ha="right", fontsize=7)
     ax.set(ylabel="speedup over sequential (fwd+bwd step)",
-           title="emulated 2 nodes x 2 ranks, 1 Gbit/s, gloo on 2 CPU cores")
+           title=f"emulated {describe(layout)}, 1 Gbit/s, gloo on 2 CPU cores")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def run_workloads(ids: list[int], steps: int) -> list[dict]:
+def describe(layout: str) -> str:
+    nodes, ranks, pinned = LAYOUTS[layout]
+    return f"{nodes} nodes x {ranks} rank{'s' if ranks > 1 else ''}" + (
+        ", a core per node" if pinned else "")
+
+
+def run_workloads(ids: list[int], steps: int, layout: str) -> list[dict]:
     from schedmoe.emulate import ClusterSpec, EmulatedCluster
 
+    nodes, ranks, pinned = LAYOUTS[layout]
+    spec = ClusterSpec(nodes=nodes, ranks_per_node=ranks, rate="1gbit", pin_cores=pinned)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        with EmulatedCluster(ClusterSpec(nodes=2, ranks_per_node=2, rate="1gbit")) as cluster:
+        with EmulatedCluster(spec) as cluster:
             logs = cluster.launch(["experiments.schedule_bench", "--worker", out, "--steps",
                                    str(steps), "--workloads", ",".join(map(str, ids))],
                                   timeout=1200,
@@ -262,7 +276,9 @@ def main() -> None:
     p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--workloads", default=",".join(str(i) for i in range(len(WORKLOADS))))
-    p.add_argument("--out", default=str(RESULTS / "schedule_bench"))
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="2x2")
+    p.add_argument("--out", help="results prefix (default: results/schedule_bench, with _2x1 "
+                   "for that layout)")
     p.add_argument("--from-json", action="store_true",
                    help="redo the table, targets and plot from OUT.json without running")
     args = p.parse_args()
@@ -270,17 +286,18 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.steps, ids)
         return
-    target = Path(args.out)
+    target = Path(args.out or RESULTS / ("schedule_bench" + (
+        "" if args.layout == "2x2" else f"_{args.layout}")))
     if args.from_json:
         saved = json.loads(target.with_suffix(".json").read_text())
-        report(saved["rows"], target)
+        report(saved["rows"], target, saved.get("layout", "2x2"))
         return
     failures: list[dict] = []
     rows = []
     for wid in ids:  # one cluster launch per workload, so a crashed rank costs one workload
         for attempt in range(1, 4):
             try:
-                rows.extend(run_workloads([wid], args.steps))
+                rows.extend(run_workloads([wid], args.steps, args.layout))
                 break
             except Exception as exc:  # noqa: BLE001  reported, then retried
                 print(f"workload {wid}, attempt {attempt} failed: {str(exc)[-600:]}", flush=True)
@@ -288,15 +305,17 @@ def main() -> None:
     rows = summarize(rows)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.with_suffix(".json").write_text(json.dumps(
-        {"command": " ".join(["python"] + sys.argv), "rows": rows, "failed_attempts": failures},
+        {"command": " ".join(["python"] + sys.argv), "layout": args.layout,
+         "cluster": describe(args.layout), "rows": rows, "failed_attempts": failures},
         indent=1))
-    report(rows, target)
+    report(rows, target, args.layout)
 
 
-def report(rows: list[dict], target: Path) -> None:
-    text = markdown(rows) + "\n\n" + targets(rows) + "\n"
+def report(rows: list[dict], target: Path, layout: str) -> None:
+    text = f"Emulated {describe(layout)}, 1 Gbit/s.\n\n" + markdown(rows) + "\n\n" + \
+        targets(rows) + "\n"
     target.with_suffix(".md").write_text(text)
-    plot(rows, target.with_suffix(".png"))
+    plot(rows, target.with_suffix(".png"), layout)
     print(text)
 
 

@@ -37,6 +37,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    "ranks each (default 2)")
     p.add_argument("--inter-node-rate", default="1gbit",
                    help="tc rate of each emulated node's link (default: 1gbit)")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="with --emulate-nodes: each node's ranks on cores of their own (taskset;"
+                   " --emulate-nodes 2 --ranks 1 gives every rank a core on a 2-core machine)")
 
 
 def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
@@ -197,9 +200,9 @@ def _bench_emulated(args: argparse.Namespace, argv: list[str]) -> dict:
     from .emulate import ClusterSpec, EmulatedCluster
 
     forwarded = _strip_options(argv, {"--emulate-nodes": 1, "--inter-node-rate": 1, "--ranks": 1,
-                                      "--json": 1})
+                                      "--json": 1, "--pin-cores": 0})
     spec = ClusterSpec(nodes=args.emulate_nodes, ranks_per_node=args.ranks or 2,
-                       rate=args.inter_node_rate)
+                       rate=args.inter_node_rate, pin_cores=args.pin_cores)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         with EmulatedCluster(spec) as cluster:
@@ -207,7 +210,7 @@ def _bench_emulated(args: argparse.Namespace, argv: list[str]) -> dict:
         with open(out) as f:
             summary = json.load(f)
     summary["emulated"] = {"nodes": spec.nodes, "ranks_per_node": spec.ranks_per_node,
-                           "rate": spec.rate}
+                           "rate": spec.rate, "pinned_cores": spec.pin_cores}
     return summary
 
 

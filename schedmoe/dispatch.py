@@ -131,7 +131,7 @@ def encode(x_TM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         return x_TM.index_select(0, plan.token_N)
     model_dim = x_TM.shape[-1]
     buf = x_TM.new_zeros(plan.num_experts * plan.capacity, model_dim)
-    buf = buf.index_copy(0, plan.slot_N, x_TM.index_select(0, plan.token_N))
+    buf.index_copy_(0, plan.slot_N, x_TM.index_select(0, plan.token_N))  # fresh: in place
     return buf.view(plan.num_experts, plan.capacity, model_dim)
 
 

@@ -7,7 +7,9 @@ talk over loopback. `launch` starts torchrun in every node namespace (L ranks ea
 eth0 through GLOO_SOCKET_IFNAME). Everything created is removed on exit, after an error or
 Ctrl-C too.
 
-Needs root and iproute2. The kernel here has no netem, so there is no latency emulation: the
+With `pin_cores`, each node's processes run on cores of their own (`taskset`).
+
+Needs root, iproute2 and util-linux (taskset). The kernel here has no netem, so there is no latency emulation: the
 links have bandwidth limits only (tbf's `latency` is its queue limit, not a delay).
 """
 
@@ -37,6 +39,15 @@ class ClusterSpec:
     queue_latency: str = "50ms"  # tbf queue limit
     subnet: str = "10.213.0"  # node i is SUBNET.(i + 1); only inside our namespaces
     port: int = 29561
+    pin_cores: bool = False  # node i's processes on cores of their own (taskset), as on a
+    # real cluster where nodes do not share CPUs: with 2 nodes x 1 rank on 2 cores, a core each
+
+    def cores(self, node: int) -> list[int]:
+        """The cores node `node` runs on when pinned: an equal share of this machine's."""
+        available = sorted(os.sched_getaffinity(0))
+        share = max(1, len(available) // self.nodes)
+        first = (node * share) % len(available)
+        return available[first:first + share]
 
 
 def _run(*cmd: str) -> None:
@@ -111,7 +122,8 @@ class EmulatedCluster:
         s = self.spec
         procs = []
         for i, ns in enumerate(self.namespaces):
-            cmd = ["ip", "netns", "exec", ns, "env", "GLOO_SOCKET_IFNAME=eth0",
+            pin = ["taskset", "-c", ",".join(map(str, s.cores(i)))] if s.pin_cores else []
+            cmd = ["ip", "netns", "exec", ns, *pin, "env", "GLOO_SOCKET_IFNAME=eth0",
                    *[f"{k}={v}" for k, v in (env or {}).items()],
                    sys.executable, "-m", "torch.distributed.run", f"--nnodes={s.nodes}",
                    f"--node-rank={i}", f"--nproc-per-node={s.ranks_per_node}",
@@ -140,13 +152,13 @@ class EmulatedCluster:
 
 
 def check_can_emulate() -> None:
-    """Raise EmulationError saying what is missing (root, ip, tc)."""
+    """Raise EmulationError saying what is missing (root, ip, tc, taskset)."""
     if os.geteuid() != 0:
         raise EmulationError("emulating nodes needs root (it creates network namespaces and tc "
                              "qdiscs); run as root, or leave out --emulate-nodes")
-    for tool in ("ip", "tc"):
+    for tool, package in (("ip", "iproute2"), ("tc", "iproute2"), ("taskset", "util-linux")):
         if shutil.which(tool) is None:
-            raise EmulationError(f"emulating nodes needs `{tool}` (Debian package iproute2)")
+            raise EmulationError(f"emulating nodes needs `{tool}` (Debian package {package})")
 
 
 def can_emulate() -> str | None:

@@ -83,22 +83,18 @@ def _start_ragged(x_NM: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec:
     row_shape = tuple(x_NM.shape[1:])
     codec = codec.without_feedback()
     with rec(name + ".compress", chunk):
-        wires = [codec.compress(piece.unsqueeze(0)) for piece in torch.split(x_NM, send_rows)]
-        data = torch.cat([wire.data for wire in wires])
-        sizes = [wire.sizes[0] for wire in wires]
+        wire = codec.compress_rows(x_NM, send_rows)
     issued = rec.now()
     specs = [SliceSpec((rows, *row_shape), x_NM.dtype) for rows in recv_rows]
     recv_sizes = [codec.wire_bytes(spec) for spec in specs]
     if any(size is None for size in recv_sizes):
-        sizes_P = torch.tensor(sizes, dtype=torch.int64, device=data.device)
+        sizes_P = torch.tensor(wire.sizes, dtype=torch.int64, device=wire.data.device)
         recv_sizes = a2a.exchange(sizes_P).tolist()
-    handle = a2a.start(data, recv_sizes, sizes)
-    rec.count_bytes(name, x_NM.numel() * x_NM.element_size(), data.numel())
+    handle = a2a.start(wire.data, recv_sizes, wire.sizes)
+    rec.count_bytes(name, x_NM.numel() * x_NM.element_size(), wire.data.numel())
 
     def decode(received: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        pieces = [codec.decompress(Wire(piece, [size]), spec)[0] for piece, size, spec
-                  in zip(torch.split(received, sizes), sizes, specs)]
-        return torch.cat(pieces) if pieces else x_NM.new_zeros(0, *row_shape)
+        return codec.decompress_rows(Wire(received, sizes), specs)
 
     return PendingSend(handle, recv_sizes, decode, rec, name, chunk, issued)
 

@@ -49,7 +49,7 @@ class MoEConfig:
     hidden_dim: int
     top_k: int = 2
     capacity_factor: float = 1.0
-    ragged: bool = True  # no padding when dropless (cf <= 0) or on one rank; False pads
+    ragged: bool = True  # rows without padding; False: padded [E, C, M] buffers (see below)
     drop_policy: str = "position"
     expert: str | type = "ffn"
     activation: str | Callable | None = None  # None: the expert's default
@@ -208,9 +208,11 @@ class MoELayer(nn.Module):
                           else registry("scheduler").resolve(cfg.scheduler)())
         self._agreement = Agreement(self.group, cfg.canonical(self.codecs, self.scheduler))
 
-        # Ragged rows (no padding) wherever they need no extra exchange: dropless (whose split
-        # sizes are swapped anyway), and fixed capacity on one rank (nothing to swap).
-        self.ragged = cfg.ragged and (cfg.capacity_factor <= 0 or self.group.size == 1)
+        # Ragged rows (no padding) unless asked to pad: the split sizes ride in the per-call
+        # agreement (dropless swaps them anyway). Fixed capacity with error feedback keeps the
+        # padded layout, whose residuals belong to fixed slots.
+        self.ragged = cfg.ragged and (cfg.capacity_factor <= 0 or self.group.size == 1
+                                      or not self.codecs.uses_feedback)
         self._agreed: Agreed | None = None  # what the last call agreed
         self._guess: Agreed | None = None  # what the next call is guessed to agree
 

@@ -85,3 +85,61 @@ def test_lossy_codecs_need_permission():
     with pytest.raises(ConfigError, match="allow_lossy"):
         AdaptiveScheduler(codecs=("none", "int8"))
     assert AdaptiveScheduler(codecs=("none", "int8"), allow_lossy=True).codecs == ("none", "int8")
+
+
+def clocked_training(rank: int, world: int, steps: int, micro_batches: int) -> dict:
+    """Three adaptive layers ticked by one StepClock on the optimizer, gradient accumulation
+    over `micro_batches`; the same model with sequential layers trained alike as reference."""
+    from schedmoe.schedulers import StepClock
+
+    def model(scheduler):
+        torch.manual_seed(3)
+        return torch.nn.Sequential(*[schedmoe.MoELayer(M, E, H, 2, 1.3, scheduler=scheduler())
+                                     for _ in range(3)])
+
+    adaptive = model(lambda: AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl", "pipe"),
+                                               shortlist=2, trial_steps=2, check_every=100))
+    reference = model(lambda: "sequential")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (adaptive, reference)]
+    clock = StepClock.attach(adaptive, optimizers[0])
+    reasons = []  # per step, per layer: the reason of each micro-batch's decision
+    for step in range(steps):
+        seen = [[] for _ in range(3)]
+        for micro in range(micro_batches):
+            x = torch.randn(20 + rank, M, generator=torch.Generator().manual_seed(
+                100 * step + 10 * micro + rank))
+            for net in (adaptive, reference):
+                (net(x).square().mean() / micro_batches).backward()
+            for i, layer in enumerate(adaptive):
+                seen[i].append((layer.last_stats.schedule["reason"],
+                                layer.last_stats.schedule["degree"]))
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+        reasons.append(seen)
+    for a, b in zip(adaptive.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert clock.steps == steps
+    return {"reasons": reasons,
+            "decisions": [[(d.step, d.reason, d.algorithm, d.degree, len(d.measured_ms))
+                           for d in layer.scheduler.decisions] for layer in adaptive]}
+
+
+def test_step_clock_tunes_layers_one_at_a_time_per_optimizer_step():
+    results = run_ranks(clocked_training, 2, 26, 2, timeout=300)
+    assert results[0] == results[1], "ranks decided differently"
+    reasons, decisions = results[0]["reasons"], results[0]["decisions"]
+    for step, layers in enumerate(reasons):
+        for micro_batches in layers:  # every micro-batch of a step runs the same decision
+            assert len(set(micro_batches)) == 1, (step, micro_batches)
+        tuning = [i for i, mb in enumerate(layers) if mb[0][0] in ("profile", "trial")]
+        assert len(tuning) <= 1, f"step {step}: layers {tuning} tune at once"
+    # 2 algorithms x 2 degrees profiled, 2 candidates x 2 trial steps, then tuned: 8 steps a
+    # layer, in model order, the others holding meanwhile (a layer's steps count its holds)
+    for layer, found in enumerate(decisions):
+        assert [d[1] for d in found] == ["profile"] * 4 + ["trial"] * 2 + ["tuned"], found
+        assert [d[0] for d in found] == [8 * layer + s for s in (1, 2, 3, 4, 5, 5, 9)]
+        assert [d[4] for d in found[4:6]] == [2, 2], "each trial step timed by the clock"
+        holds = [step for step, layers in enumerate(reasons) if layers[layer][0][0] == "hold"]
+        assert holds == list(range(8 * layer)), holds  # held until its turn, never after
+    assert [mb[0][0] for mb in reasons[-1]] == ["tuned"] * 3

@@ -33,7 +33,8 @@ class GateThatFailsWhenTold(TopKRouter):
 
 
 def _make(scheduler, **options):
-    return schedmoe.MoELayer(M, E, H, 2, 1.25, scheduler=scheduler, **options)
+    """A padded layer (ragged rows swap their split sizes before the dispatch every call)."""
+    return schedmoe.MoELayer(M, E, H, 2, 1.25, scheduler=scheduler, ragged=False, **options)
 
 
 def _pair(scheduler, **options):
@@ -200,8 +201,8 @@ def test_faults_while_riding_raise_the_same_typed_error_on_every_rank(scheduler,
 
 
 def rides(rank: int, world: int) -> list[bool]:
-    """Which calls ride: a fixed-capacity layer after two alike calls; never in dropless mode,
-    with error feedback or a scheduler that does not carry the record."""
+    """Which calls ride: a padded fixed-capacity layer after two alike calls; never in ragged
+    rows (dropless or not), with error feedback or a scheduler that does not carry the record."""
     from schedmoe.schedulers.base import Scheduler
 
     class Plain(Scheduler):
@@ -209,9 +210,12 @@ def rides(rank: int, world: int) -> list[bool]:
             return ctx.combine(ctx.run_experts(ctx.dispatch(x_WECM)))
 
     torch.manual_seed(0)
-    layers = [schedmoe.MoELayer(M, E, H, 2, cf, scheduler=s, compressor=c)
-              for cf, s, c in ((1.25, "sequential", "none"), (0.0, "sequential", "none"),
-                               (1.25, "sequential", "int8+ef"), (1.25, Plain(), "none"))]
+    layers = [schedmoe.MoELayer(M, E, H, 2, cf, scheduler=s, compressor=c, ragged=r)
+              for cf, s, c, r in ((1.25, "sequential", "none", False),
+                                  (0.0, "sequential", "none", False),
+                                  (1.25, "sequential", "int8+ef", False),
+                                  (1.25, Plain(), "none", False),
+                                  (1.25, "sequential", "none", True))]
     x = torch.randn(T, M)
     seen = []
     for layer in layers:
@@ -222,4 +226,4 @@ def rides(rank: int, world: int) -> list[bool]:
 
 
 def test_which_layers_ride():
-    assert run_ranks(rides, 2, timeout=120) == [[True, False, False, False]] * 2
+    assert run_ranks(rides, 2, timeout=120) == [[True, False, False, False, False]] * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -76,3 +77,18 @@ def test_pipelined_trace_overlaps_a2a_with_experts(tmp_path):
         overlapping = {(x[2], y[2]) for x in intervals(trace, a2a)
                        for y in intervals(trace, experts) if x[0] < y[1] and y[0] < x[1]}
         assert overlapping, f"no {a2a} interval overlaps an {experts} interval"
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"cannot emulate a cluster here: {REASON}")
+def test_pinned_nodes_run_on_cores_of_their_own(tmp_path):
+    """2 nodes x 1 rank with pin_cores: each node's rank sees only its share of the cores."""
+    (tmp_path / "affinity_probe.py").write_text(
+        "import os\nprint('cores', sorted(os.sched_getaffinity(0)))\n")
+    spec = emulate.ClusterSpec(nodes=2, ranks_per_node=1, pin_cores=True)
+    with emulate.EmulatedCluster(spec) as c:
+        outputs = c.launch(["affinity_probe"], timeout=60, env={"PYTHONPATH": str(tmp_path)})
+    seen = [ast.literal_eval(line.split("cores", 1)[1]) for out in outputs for line in out.splitlines()
+            if line.startswith("cores")]
+    assert seen == [spec.cores(0), spec.cores(1)]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(seen[0]) & set(seen[1]), "two nodes share a core"

@@ -1,6 +1,6 @@
-"""Dropless without padding (ragged) against dropless with padding: the same outputs and
-gradients on a skewed router (a few hot experts), for every scheduler, codec and A2A
-algorithm, on 4 gloo ranks; and what the layout does with empty segments and ranks."""
+"""Ragged rows against padded buffers: the same outputs and gradients on a skewed router (a few
+hot experts), dropless and at a fixed capacity that drops pairs, for every scheduler, codec and
+A2A algorithm, on 4 gloo ranks; and what the layout does with empty segments and ranks."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def _skew(layer: schedmoe.MoELayer) -> None:
 
 
 def _run(rank: int, ragged: bool, scheduler, options: dict, tokens: int):
+    options = dict(options)
+    capacity_factor = options.pop("capacity_factor", 0.0)
     torch.manual_seed(0)
-    layer = schedmoe.MoELayer(M, E, H, 2, 0.0, ragged=ragged, scheduler=scheduler(),
+    layer = schedmoe.MoELayer(M, E, H, 2, capacity_factor, ragged=ragged, scheduler=scheduler(),
                               **options)
     _skew(layer)
     gen = torch.Generator().manual_seed(rank)
@@ -58,8 +60,10 @@ def compare(rank: int, world: int, scheduler: str, options: dict) -> dict:
         for a, b in zip(gp_r, gp_p):
             torch.testing.assert_close(a, b, **tol)
     assert ragged[2] == padded[2]  # the same capacity (the largest segment)
-    assert ragged[3] == padded[3] == 2 * tokens  # dropless: every pair reached an expert
-    return {"padded": padded[1], "ragged": ragged[1]}
+    assert ragged[3] == padded[3]  # the same pairs reached an expert
+    if options.get("capacity_factor", 0.0) <= 0:
+        assert ragged[3] == 2 * tokens  # dropless: every pair did
+    return {"padded": padded[1], "ragged": ragged[1], "processed": ragged[3], "tokens": tokens}
 
 
 @pytest.mark.parametrize("scheduler,options", [
@@ -70,9 +74,14 @@ def compare(rank: int, world: int, scheduler: str, options: dict) -> dict:
     ("adaptive", {"compressor": "int8", "expert": "swiglu"}),
     ("sequential", {"expert": "clamped_glu", "shared_hidden_dim": 6, "shared_gate": True,
                     "compressor": "fp8"}),
+    ("sequential", {"capacity_factor": 1.25}),
+    ("pipeline3", {"capacity_factor": 1.0, "a2a": "2dh", "local_size": 2, "compressor": "int8"}),
+    ("adaptive", {"capacity_factor": 2.0, "compressor": "zstd", "drop_policy": "probability"}),
 ])
-def test_ragged_equals_padded_dropless_on_a_skewed_router(scheduler, options):
+def test_ragged_equals_padded_on_a_skewed_router(scheduler, options):
     wires = run_ranks(compare, 4, scheduler, options, timeout=300)
+    if "capacity_factor" in options:  # the hot experts overflow: pairs were dropped
+        assert sum(w["processed"] for w in wires) < 2 * sum(w["tokens"] for w in wires)
     dispatch_p = sum(w["padded"]["dispatch"][1] for w in wires)
     dispatch_r = sum(w["ragged"]["dispatch"][1] for w in wires)
     assert dispatch_r < dispatch_p  # padding is not sent

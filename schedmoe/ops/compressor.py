@@ -153,6 +153,17 @@ class Compressor(ABC):
         """The `[len(wire.sizes), *spec.shape]` tensor of dtype `spec.dtype` in `wire`.
         Raises CorruptPayloadError if a slice is not a valid encoding of `spec`."""
 
+    def compress_rows(self, x_NM: torch.Tensor, rows: list[int]) -> Wire:
+        """Ragged rows: slice p is the next `rows[p]` rows of `x_NM`, each encoded on its own."""
+        wires = [self.compress(piece.unsqueeze(0)) for piece in torch.split(x_NM, rows)]
+        return Wire(torch.cat([wire.data for wire in wires]), [wire.sizes[0] for wire in wires])
+
+    def decompress_rows(self, wire: Wire, specs: list[SliceSpec]) -> torch.Tensor:
+        """The rows of every slice (slice p holds `specs[p]`), back to back."""
+        pieces = [self.decompress(Wire(piece, [size]), spec)[0] for piece, size, spec
+                  in zip(torch.split(wire.data, wire.sizes), wire.sizes, specs)]
+        return torch.cat(pieces)
+
 
 @register_compressor("none")
 class NoCompression(Compressor):
@@ -173,6 +184,20 @@ class NoCompression(Compressor):
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
         check_sizes(wire, "uncompressed payload", spec.nbytes)
         return reinterpret(wire.data, spec.dtype, len(wire.sizes), *spec.shape)
+
+    def compress_rows(self, x_NM: torch.Tensor, rows: list[int]) -> Wire:
+        row_bytes = x_NM[0].numel() * x_NM.element_size() if len(x_NM) else 0
+        return Wire(reinterpret(x_NM, torch.uint8, -1), [n * row_bytes for n in rows])
+
+    def decompress_rows(self, wire: Wire, specs: list[SliceSpec]) -> torch.Tensor:
+        expected = [spec.nbytes for spec in specs]
+        if list(wire.sizes) != expected or sum(expected) != wire.data.numel():
+            raise CorruptPayloadError(
+                f"uncompressed ragged payload: expected slices of {expected[:8]} bytes, got "
+                f"{list(wire.sizes)[:8]} over {wire.data.numel()} bytes (truncated, oversized "
+                "or corrupt payload)")
+        row_shape = specs[0].shape[1:]
+        return reinterpret(wire.data, specs[0].dtype, sum(s.shape[0] for s in specs), *row_shape)
 
 
 class FixedSizeCodec(Compressor):

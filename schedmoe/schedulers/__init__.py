@@ -2,8 +2,9 @@
 
 from .adaptive import AdaptiveScheduler
 from .base import Scheduler, StepContext
+from .clock import StepClock
 from .pipeline import PipelineScheduler
 from .sequential import SequentialScheduler
 
 __all__ = ["Scheduler", "StepContext", "SequentialScheduler", "PipelineScheduler",
-           "AdaptiveScheduler"]
+           "AdaptiveScheduler", "StepClock"]

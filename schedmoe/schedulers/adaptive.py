@@ -17,7 +17,10 @@ Legend: W ranks, E local experts, C capacity, M model dim; n = payload bytes of 
 3. Trials run each shortlisted candidate for `trial_steps` steps; a step's time is the time
    between two calls of this layer (slowest rank), so it covers forward, backward and whatever
    the model does around the layer, and it includes effects the two-resource model cannot see.
-   The fastest trial (median after its first, warm-up step) wins.
+   The fastest trial (median after its first, warm-up step) wins. With a `StepClock` (clock.py)
+   shared by a model's adaptive layers, a step is an optimizer step instead, timed whole, and
+   the layers tune one at a time (the others hold: sequential before their turn, their winner
+   after), so that trials of different layers do not confound each other.
 4. Running uses the pipelined schedule with that choice (the sequential one for r = 1). Every
    `check_every` steps the step time is compared with the winner's trial time; beyond `drift`
    (relative) on two checks in a row the models are thrown away and profiling starts again.
@@ -50,6 +53,7 @@ from ..ops.codec_set import CodecSet, make_codec
 from ..registry import register_scheduler, registry
 from ..simulator import BACKWARD, FORWARD, CostModel, simulate
 from .base import Scheduler, StepContext, chunk_bounds
+from .clock import StepClock
 from .pipeline import PipelineScheduler
 from .sequential import SequentialScheduler
 
@@ -116,6 +120,15 @@ class AdaptiveScheduler(Scheduler):
         self._winners: dict[int, Decision] = {}  # capacity bucket -> its tuned decision
         self._replays: OrderedDict = OrderedDict()  # x shape -> what ran, for recomputes
         self._step = 0
+        self.clock: StepClock | None = None  # set by StepClock.add: steps are optimizer steps
+        self._clock_step = -1  # the clock's step of this scheduler's latest decision
+        self._ran: Decision | None = None  # what ran since the clock's last tick
+
+    @property
+    def tuning(self) -> bool:
+        """Whether this scheduler has no tuned decision in force (profiling, trials, or not
+        started)."""
+        return self._running is None
 
     def describe(self) -> str:
         codecs = "the layer's" if self.codecs is None else self.codecs
@@ -134,19 +147,27 @@ class AdaptiveScheduler(Scheduler):
         self._replays.move_to_end(tuple(x_WECM.shape))
         while len(self._replays) > 16:
             self._replays.popitem(last=False)
-        self._last_decision = decision
+        self._last_decision = self._ran = decision
         ctx.notes.update(dataclasses.asdict(decision))
         ctx.notes["decisions"] = len(self.decisions)
         return y
 
     def _decide(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
-        """This call's decision: a profiling step, or what `_choose` says."""
+        """This call's decision: a profiling step, or what `_choose` says (with a clock: the
+        same for every call of one step, and a hold while another layer tunes)."""
+        if self.clock is not None:
+            if self._clock_step == self.clock.steps and self._attempt is not None:
+                return self._attempt  # another micro-batch of the same optimizer step
+            self._clock_step = self.clock.steps
         self._step += 1
-        self._time_last_step()
+        if self.clock is None:
+            self._time_last_step()
         self._harvest()
         if self._plan is None:
             self._plan = self._profile_plan(ctx)
-        if self._plan:
+        if self.clock is not None and self.tuning and self.clock.holder() is not self:
+            decision = Decision(self._step, "hold", "the layer's", ctx.codecs.describe(), 1)
+        elif self._plan:
             algorithm, codec, degree = self._plan.pop(0)
             decision = Decision(self._step, "profile", algorithm, codec, degree)
             self.decisions.append(decision)
@@ -175,15 +196,20 @@ class AdaptiveScheduler(Scheduler):
         """The time since the last call is the last step's; it belongs to the last decision."""
         now = time.perf_counter()
         if self._last_call is not None and self._last_decision is not None:
-            measured = self._last_decision.measured_ms
-            measured.append(1e3 * (now - self._last_call))
-            if len(measured) > 2 * KEEP_MEASURED:  # a long run: the first and the latest
-                del measured[1:-KEEP_MEASURED]
+            _record(self._last_decision, 1e3 * (now - self._last_call))
         self._last_call = now
+
+    def end_step(self, elapsed_ms: float | None) -> None:
+        """The clock's tick: `elapsed_ms` (None at the first tick) was the step of what ran."""
+        ran, self._ran = self._ran, None
+        if elapsed_ms is not None and ran is not None and ran.reason != "hold":
+            _record(ran, elapsed_ms)
 
     # -- running -------------------------------------------------------------------------------
 
     def _execute(self, x_WECM: torch.Tensor, ctx: StepContext, decision: Decision) -> torch.Tensor:
+        if decision.reason == "hold":  # another layer's turn to tune: the layer's own A2A
+            return SequentialScheduler().run(x_WECM, ctx)
         step = self._context(ctx, decision.algorithm, decision.codec)
         if decision.reason == "profile":
             return self._profile(x_WECM, step, decision.degree)
@@ -302,8 +328,8 @@ class AdaptiveScheduler(Scheduler):
             return trial
         # every trial has run: the fastest wins (median after its first, warm-up step; slowest
         # rank). A trial's first step also carries one-off costs such as building sub-groups.
-        medians = torch.tensor([median(d.measured_ms[1:] or d.measured_ms) for d in self._tried],
-                               dtype=torch.float64)
+        medians = torch.tensor([median(d.measured_ms[1:] or d.measured_ms or [math.inf])
+                                for d in self._tried], dtype=torch.float64)
         medians = self._all_max(medians, ctx)
         best = self._tried[int(torch.argmin(medians))]
         decision = Decision(self._step, self._reason, best.algorithm, best.codec, best.degree,
@@ -353,6 +379,8 @@ class AdaptiveScheduler(Scheduler):
         steps_since = self._step - decision.step
         if steps_since == 0 or steps_since % self.check_every or len(decision.measured_ms) < 2:
             return
+        if self.clock is not None and self.clock.holder() is not None:
+            return  # another layer's trials change the step time: not a drift of this one
         recent = torch.tensor([median(decision.measured_ms[-self.check_every:])],
                               dtype=torch.float64)
         recent = float(self._all_max(recent, ctx)[0])
@@ -375,3 +403,11 @@ class AdaptiveScheduler(Scheduler):
             with collective("the adaptive scheduler's agreement", group):
                 dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group.pg)
         return values
+
+
+def _record(decision: Decision, step_ms: float) -> None:
+    """A step time of `decision`; a long run keeps the first and the latest KEEP_MEASURED."""
+    measured = decision.measured_ms
+    measured.append(step_ms)
+    if len(measured) > 2 * KEEP_MEASURED:
+        del measured[1:-KEEP_MEASURED]
