@@ -70,6 +70,7 @@ def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
 
     import schedmoe
     from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
+    from schedmoe.schedulers.adaptive import PROFILE_DEGREES
     from schedmoe.topology import release as release_groups
 
     torch.set_num_threads(1)
@@ -102,7 +103,10 @@ def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
             row["ms"][f"{a} r={r}"] = 1e3 * statistics.median(time_steps(step, 2, steps))
         adaptive = AdaptiveScheduler(degrees=tuple(range(1, 17)))
         layer, step = layer_runner(adaptive)
-        tuning = len(adaptive._plan) + adaptive.shortlist * adaptive.trial_steps  # 5 bands
+        # profiling (every algorithm with the layer's codec at each profiled degree), then
+        # the trials of the shortlisted bands
+        tuning = (len(adaptive.algorithms) * len(PROFILE_DEGREES)
+                  + adaptive.shortlist * adaptive.trial_steps)
         row["ms"]["adaptive"] = 1e3 * statistics.median(time_steps(step, tuning + 2, steps))
         d = [d for d in adaptive.decisions if d.reason not in ("profile", "trial")][-1]
         row["adaptive_choice"] = {"algorithm": d.algorithm, "codec": d.codec, "degree": d.degree,
