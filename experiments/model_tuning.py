@@ -43,9 +43,11 @@ def worker(out_path: str) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     layers = torch.nn.ModuleList(
-        schedmoe.MoELayer(M, E, spec["hidden_dim"], spec["top_k"], 1.25, scheduler=AdaptiveScheduler(
-            degrees=tuple(range(1, 9)), algorithms=("nccl", "pipe"), shortlist=3,
-            trial_steps=3, check_every=10 ** 6)) for spec in LAYERS)
+        schedmoe.MoELayer(M, E, spec["hidden_dim"], spec["top_k"], 1.25,
+                          scheduler=AdaptiveScheduler(degrees=tuple(range(1, 9)),
+                                                      algorithms=("nccl", "pipe"), shortlist=3,
+                                                      trial_steps=3, check_every=10 ** 6))
+        for spec in LAYERS)
     optimizer = torch.optim.SGD(layers.parameters(), lr=1e-3)
     clock = StepClock.attach(layers, optimizer)
     x = torch.randn(T, M, generator=torch.Generator().manual_seed(rank))

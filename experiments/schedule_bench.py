@@ -11,7 +11,8 @@ what a cluster looks like, where communication does not steal compute).
 For each of 12 workloads (tokens per rank, model dim, hidden dim, top-k, capacity factor; 8
 experts, 2 per rank, fp32) it times a layer's forward + backward step (slowest rank, median of
 --steps after warm-up) for: `sequential`; `pipeline` at r = 2, 4, 8 (flat A2A); `adaptive`
-(after its profiling and trial steps); every fixed (algorithm, r) in {nccl, 2dh, pipe} x {1, 2, 4, 8}
+(after its profiling and trial steps); every fixed (algorithm, r) in {nccl, 2dh, pipe} x
+{1, 2, 4, 8}
 (the exhaustive sweep); and DeepSpeed-MoE's `MoE` layer (gloo, ep_size = ranks, same sizes).
 
 Derived figures: speedups over sequential; overlap efficiency = max(compute, comm) / step,
@@ -193,6 +194,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trials(row: dict) -> list[dict]:
+    return row["simulator_error_trials"]
+
+
 def targets(rows: list[dict]) -> str:
     """The issue's targets, counted over the workloads."""
     comm_bound = [r for r in rows if r["comm_bound"]]
@@ -215,7 +220,7 @@ def targets(rows: list[dict]) -> str:
         f"{len(pipelined)}",
         f"- simulator prediction within 15% of measured (adaptive's choice): "
         f"{sum(abs(e) <= 0.15 for e in errors)} of {len(errors)}; over every tried "
-        f"candidate: {sum(abs(t['error']) <= 0.15 for r in rows for t in r['simulator_error_trials'])}"
+        f"candidate: {sum(abs(t['error']) <= 0.15 for r in rows for t in trials(r))}"
         f" of {sum(len(r['simulator_error_trials']) for r in rows)}",
         f"- DeepSpeed-MoE vs our sequential: median "
         f"{statistics.median(r['speedup_vs_sequential']['deepspeed'] for r in rows):.2f}x; "

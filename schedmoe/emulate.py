@@ -9,8 +9,9 @@ Ctrl-C too.
 
 With `pin_cores`, each node's processes run on cores of their own (`taskset`).
 
-Needs root, iproute2 and util-linux (taskset). The kernel here has no netem, so there is no latency emulation: the
-links have bandwidth limits only (tbf's `latency` is its queue limit, not a delay).
+Needs root, iproute2 and util-linux (taskset). The kernel here has no netem, so there is no
+latency emulation: the links have bandwidth limits only (tbf's `latency` is its queue limit,
+not a delay).
 """
 
 from __future__ import annotations

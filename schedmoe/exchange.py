@@ -3,9 +3,11 @@ ragged `[N, ...]` rows with per-rank row counts (`splits`, dropless without padd
 
 Fixed-size codecs exchange their wire with even splits. Data-dependent codecs (zstd) first
 exchange each slice's byte count, then the wire with those uneven splits, through the same A2A
-algorithm. Ragged rows are compressed one destination at a time; the receiver knows each
-slice's byte size from the rows it expects (`Compressor.wire_bytes`) or, for zstd, swaps them. The backward pass sends the gradient back the same way with the gradient codec; for
-a lossy codec the gradient is straight-through (the round trip is treated as the identity).
+algorithm. Ragged rows go through `Compressor.compress_rows` (each destination's rows a slice of
+their own; the `none` codec sends them as they are); the receiver knows each slice's byte size
+from the rows it expects (`Compressor.wire_bytes`) or, for zstd, swaps them. The backward pass
+sends the gradient back the same way with the gradient codec; for a lossy codec the gradient
+is straight-through (the round trip is treated as the identity).
 
 A call's first dispatch may carry a `Rider` (the per-call agreement record, agreement.py):
 appended to every slice after compression, split off and checked on arrival before anything

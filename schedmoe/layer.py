@@ -49,7 +49,7 @@ class MoEConfig:
     hidden_dim: int
     top_k: int = 2
     capacity_factor: float = 1.0
-    ragged: bool = True  # rows without padding; False: padded [E, C, M] buffers (see below)
+    ragged: bool = True  # rows without padding; False: padded [E, C, M] (shapes known early)
     drop_policy: str = "position"
     expert: str | type = "ffn"
     activation: str | Callable | None = None  # None: the expert's default

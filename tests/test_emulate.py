@@ -87,8 +87,8 @@ def test_pinned_nodes_run_on_cores_of_their_own(tmp_path):
     spec = emulate.ClusterSpec(nodes=2, ranks_per_node=1, pin_cores=True)
     with emulate.EmulatedCluster(spec) as c:
         outputs = c.launch(["affinity_probe"], timeout=60, env={"PYTHONPATH": str(tmp_path)})
-    seen = [ast.literal_eval(line.split("cores", 1)[1]) for out in outputs for line in out.splitlines()
-            if line.startswith("cores")]
+    seen = [ast.literal_eval(line.split("cores", 1)[1]) for out in outputs
+            for line in out.splitlines() if line.startswith("cores")]
     assert seen == [spec.cores(0), spec.cores(1)]
     if len(os.sched_getaffinity(0)) >= 2:
         assert not set(seen[0]) & set(seen[1]), "two nodes share a core"
