@@ -150,7 +150,7 @@ class LocalStep:
     limit: int = 0  # this rank's capacity limit
     layout: int = 0  # hash of the token -> slot layout (only when error feedback needs it)
     error: BaseException | None = None  # a local failure (problem FAILED)
-    counts: list[int] | None = None  # ragged dropless: rows this rank sends to each expert
+    counts: list[int] | None = None  # ragged rows: rows this rank sends to each expert
 
     def record(self) -> list[int]:
         dtype = dtype_code(getattr(torch, self.dtype)) if self.dtype != "-" else 0
@@ -241,7 +241,7 @@ class Agreement:
     def agree(self, local: LocalStep, device: torch.device,
               counts: list[int] | None = None) -> Agreed:
         """Swap the records; raise the same typed error on every rank if anything is wrong.
-        `counts` (ragged dropless: rows for each expert) ride in the same record once the
+        `counts` (ragged rows: rows for each expert) ride in the same record once the
         options are known to agree (records of one length on every rank); before that, in a
         second all-gather."""
         ride = counts is not None and self._verified

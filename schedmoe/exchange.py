@@ -1,5 +1,5 @@
 """One differentiable compress -> all-to-all -> decompress of a `[P, ...]` payload, or of
-ragged `[N, ...]` rows with per-rank row counts (`splits`, dropless without padding).
+ragged `[N, ...]` rows with per-rank row counts (`splits`, rows without padding).
 
 Fixed-size codecs exchange their wire with even splits. Data-dependent codecs (zstd) first
 exchange each slice's byte count, then the wire with those uneven splits, through the same A2A

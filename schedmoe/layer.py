@@ -299,7 +299,7 @@ class MoELayer(nn.Module):
         if fits:
             x_TM = x.reshape(-1, cfg.model_dim)
             with timer("encode"):
-                if agreed.counts_WE is not None:  # dropless: ragged rows, nothing padded
+                if agreed.counts_WE is not None:  # ragged rows, nothing padded
                     plan = make_ragged_plan(routing.expert_TK, routing.weight_TK, slot_TK,
                                             counts_E, local.limit)
                 else:

@@ -7,13 +7,13 @@ A segment (w, e) is what one rank sends to local expert e of rank w (send side),
 receives from rank w for its own local expert e (receive side). Schedules chunk the capacity:
 chunk [lo, hi) holds slots [lo, hi) of every segment, the same on every rank.
 
-- `PaddedLayout` (capacity_factor > 0): every segment padded to C slots, tensors
-  `[W, n, C, M]`; slicing is a view, exchanges use even splits.
-- `RaggedLayout` (dropless, capacity_factor <= 0): segments hold exactly their rows, tensors
-  `[N, M]` (send side) and `[R, M]` (receive side), rows ordered by (rank, expert, slot); the
-  capacity C is the largest segment in the group. A chunk's rows are gathered segment by
-  segment and its exchange uses the chunk's split sizes; nothing is padded on the wire or in
-  the expert GEMMs.
+- `PaddedLayout` (`ragged=False`, or error feedback at a fixed capacity): every segment
+  padded to C slots, tensors `[W, n, C, M]`; slicing is a view, exchanges use even splits.
+- `RaggedLayout` (`ragged=True`, dropless or at a fixed capacity): segments hold exactly their
+  rows, tensors `[N, M]` (send side) and `[R, M]` (receive side), rows ordered by (rank,
+  expert, slot); the capacity C is the largest limit in the group (dropless: the largest
+  segment). A chunk's rows are gathered segment by segment and its exchange uses the chunk's
+  split sizes; nothing is padded on the wire or in the expert GEMMs.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ next call puts the same tokens in the same slots: the layer hashes every rank's 
 per-call agreement and `observe_layout` drops every residual when any rank's layout changed.
 Where it cannot help: in training the routing (and so the layout) changes every step, so the
 residuals are dropped every step and error feedback sends exactly what the codec alone would.
-It pays off only when layouts repeat (fixed routing, the same batch again). Ragged (dropless
-without padding) exchanges send without it: each destination's rows are their own payload.
+It pays off only when layouts repeat (fixed routing, the same batch again). Ragged (unpadded
+rows) exchanges send without it: each destination's rows are their own payload.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class Expert(nn.Module):
 
     def forward_ragged(self, x_RM: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """The experts on rows grouped by expert (`counts[e]` rows for expert e, in order), for
-        dropless dispatch without padding. A form that defines `form(x, linear)` runs as one
+        dispatch without padding (`ragged`). A form that defines `form(x, linear)` runs as one
         `torch._grouped_mm` per GEMM where the build and the shapes allow it (16-byte aligned
         rows; on our CPUs even with the per-expert path, experiments/ragged_bench.py), else as
         2-D GEMMs per expert (~7% faster than `bmm` over a padded buffer, shared/REFERENCE.md);

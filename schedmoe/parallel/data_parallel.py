@@ -106,7 +106,7 @@ def fully_shard_moe(model: nn.Module, layout: ParallelLayout, **fsdp_options) ->
                 "pipelined or adaptive schedules")
     for layer in layers:
         fully_shard(layer.experts, mesh=layout.mesh["edp"], **fsdp_options)
-        register_fsdp_forward_method(layer.experts, "forward_ragged")  # dropless calls it
+        register_fsdp_forward_method(layer.experts, "forward_ragged")  # ragged calls use it
         layer.experts.set_gradient_divide_factor(float(layout.world_size))
         if dist.get_backend(layout.edp_group) == "gloo":  # no PREMUL_SUM: sum, then divide
             layer.experts.set_force_sum_reduction_for_comms(True)

@@ -3,7 +3,7 @@
 Legend: W ranks in the EP group, E local experts per rank, C capacity, M model dim.
 
 The layer routes and encodes the tokens into `x_WECM` (slice w is for the experts of rank w;
-in dropless mode ragged `[N, M]` rows, see layout.py); a scheduler exchanges it, runs the local
+with `ragged`, unpadded `[N, M]` rows, see layout.py); a scheduler exchanges it, runs the local
 experts and exchanges the results back, returning `y_WECM` in the same layout. Chunked
 schedulers split C through the context (`chunks`, `slice`, `cat`) and overlap the pieces; all
 must give the sequential schedule's result.
