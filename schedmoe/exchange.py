@@ -23,6 +23,7 @@ import torch
 from .a2a_algos.base import A2AAlgorithm
 from .agreement import Rider
 from .ops.compressor import Compressor, SliceSpec, Wire
+from .overlap import link, turns
 from .recorder import StepRecorder
 
 
@@ -30,7 +31,9 @@ Splits = tuple[list[int], list[int]]  # ragged: rows sent to each rank, rows rec
 
 
 class PendingSend:
-    """An exchange in flight: `wait()` finishes the A2A and decompresses."""
+    """An exchange in flight: `wait()` finishes the A2A and decompresses. While it waits,
+    another micro-batch of an interleaved step computes (overlap/turns.py); the link's
+    listeners learn when it was the last exchange in flight (overlap/link.py)."""
 
     def __init__(self, handle, recv_sizes: list[int],
                  decode: Callable[[torch.Tensor, list[int]], torch.Tensor], rec: StepRecorder,
@@ -38,9 +41,14 @@ class PendingSend:
         self._handle, self._recv_sizes, self._decode = handle, recv_sizes, decode
         self._rec, self._name, self._chunk, self._issued = rec, name, chunk, issued
         self._rider = rider
+        link.exchange_started(self)
 
     def wait(self) -> torch.Tensor:
-        data, sizes = self._handle.wait(), self._recv_sizes
+        try:
+            with turns.waiting():
+                data, sizes = self._handle.wait(), self._recv_sizes
+        finally:
+            link.exchange_arrived(self)
         self._rec.interval(self._name + ".a2a", self._issued, self._chunk, stream="comm")
         if self._rider is not None:
             with self._rec("agree"):  # raises on every rank alike if the records disagree

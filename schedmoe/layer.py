@@ -33,6 +33,7 @@ from .ops.codec_set import CodecSet
 from .ops.compressor import Compressor
 from .ops.experts import activation_name, mark_expert_parameters
 from .ops.shared import SharedExperts
+from .overlap import turns
 from .parallel.identity import load_expert_range, save_expert_range
 from .routers.balance import BALANCE_LOSSES, balance_loss
 from .registry import registry
@@ -216,8 +217,9 @@ class MoELayer(nn.Module):
         self._agreed: Agreed | None = None  # what the last call agreed
         self._guess: Agreed | None = None  # what the next call is guessed to agree
 
-        self.aux_loss: torch.Tensor | None = None
-        self.last_stats: LayerStats | None = None
+        # (aux loss, stats) of the last call: under None that of any caller, under i that of
+        # micro-batch i of an interleaved step (overlap/turns.py), which calls in turns.
+        self._last: dict[int | None, tuple[torch.Tensor | None, LayerStats | None]] = {}
         # Which experts this rank's state dict holds (parallel/identity.py).
         self.register_state_dict_post_hook(save_expert_range)
         self.register_load_state_dict_pre_hook(load_expert_range)
@@ -269,13 +271,24 @@ class MoELayer(nn.Module):
                                    sequences, self.balance_group)
         aux = balance + cfg.z_loss_weight * routing.z_loss
         if not recompute:
-            self.aux_loss = aux
-            self.last_stats = LayerStats(num_tokens, capacity, local.limit, plan.counts_E.tolist(),
-                                         plan.dropped_E.tolist(), plan.kept, plan.dropped,
-                                         plan.kept_TK, ctx.notes, timer)
+            stats = LayerStats(num_tokens, capacity, local.limit, plan.counts_E.tolist(),
+                               plan.dropped_E.tolist(), plan.kept, plan.dropped, plan.kept_TK,
+                               ctx.notes, timer)
+            self._last[None] = self._last[turns.index()] = (aux, stats)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
         return y
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The last call's aux loss; inside an interleaved step, the calling micro-batch's."""
+        return self._last.get(turns.index(), (None, None))[0]
+
+    @property
+    def last_stats(self) -> LayerStats | None:
+        """What the last call did on this rank; inside an interleaved step, the calling
+        micro-batch's last call."""
+        return self._last.get(turns.index(), (None, None))[1]
 
     def _can_guess(self) -> bool:
         """Whether this call's record may ride on its first dispatch (agreement.py): fixed

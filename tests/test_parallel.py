@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 import schedmoe.parallel as par
 from schedmoe.errors import CheckpointError, ConfigError
+from schedmoe.overlap import GradSync, interleaved_step
 from schedmoe.testing import run_ranks
 from schedmoe.train.data import CharCorpus, shard
 from schedmoe.train.model import MoELM, lm_loss
@@ -50,15 +51,30 @@ def plain_grads(model) -> dict:
     return grads
 
 
-def train_steps(model, wrapped, opt, layout, rank, world, steps, grads=None) -> list[float]:
+def train_steps(model, wrapped, opt, layout, rank, world, steps, grads=None, sync=None
+                ) -> list[float]:
     """Train on `steps`' global batches; `grads` (a dict) gets the first step's clipped
-    gradients."""
+    gradients. With `sync` (a GradSync), the rank's share in `sync.micro_batches`
+    micro-batches, interleaved."""
     data, losses = CharCorpus(), []
     for step in steps:
         x, y = data.batch(step, BATCH, SEQ)
-        loss, ce, _ = lm_loss(wrapped, shard(x, rank, world), shard(y, rank, world), AUX)
+        x, y = shard(x, rank, world), shard(y, rank, world)
         opt.zero_grad()
-        loss.backward()
+        if sync is None:
+            loss, ce, _ = lm_loss(wrapped, x, y, AUX)
+            loss.backward()
+        else:
+            micro, ces = sync.micro_batches, []
+
+            def micro_loss(part):
+                loss, ce, _ = lm_loss(wrapped, *part, AUX)
+                ces.append(ce.detach())
+                return loss / micro
+
+            interleaved_step(micro_loss, list(zip(x.chunk(micro), y.chunk(micro))))
+            sync.finish()
+            ce = sum(ces) / micro
         par.clip_grad_norm_(wrapped, CLIP, layout)
         if grads is not None and not grads:
             grads.update(plain_grads(model))
@@ -67,7 +83,12 @@ def train_steps(model, wrapped, opt, layout, rank, world, steps, grads=None) -> 
     return losses
 
 
+MICRO_BATCHES = {"gradsync": 1, "interleaved": 2}  # GradSync recipes, no wrapper
+
+
 def wrap(model, layout, recipe):
+    if recipe in MICRO_BATCHES:
+        return model
     return par.data_parallel(model, layout) if recipe == "ddp" else \
         par.fully_shard_moe(model, layout)
 
@@ -77,9 +98,11 @@ def train_parallel(rank: int, world: int, ep_size: int, recipe: str, options: di
     layout = par.init_parallel(ep_size, ep_contiguous=options.pop("ep_contiguous", True))
     model = build(layout, **options)
     wrapped = wrap(model, layout, recipe)
+    sync = GradSync(model, layout, micro_batches=MICRO_BATCHES[recipe], chunk_bytes=4096) \
+        if recipe in MICRO_BATCHES else None
     initial, grads = plain_state(model), {}
     opt = torch.optim.AdamW(wrapped.parameters(), lr=LR)
-    train_steps(model, wrapped, opt, layout, rank, world, range(STEPS), grads)
+    train_steps(model, wrapped, opt, layout, rank, world, range(STEPS), grads, sync)
     return initial, grads, plain_state(model)
 
 
@@ -138,13 +161,18 @@ def reference_loss(P: dict, x, y):
     return ce + AUX * aux, ce
 
 
-def reference_training(initial: dict, steps) -> tuple[dict, dict]:
-    """(parameters after `steps`, clipped gradients of the first step)."""
+def reference_training(initial: dict, steps, micro: int = 1, world: int = 4
+                       ) -> tuple[dict, dict]:
+    """(parameters after `steps`, clipped gradients of the first step). With `micro`, the
+    mean loss of micro-batches: micro-batch i is part i of every rank's share."""
     P = {k: v.clone().requires_grad_() for k, v in initial.items()}
     opt = torch.optim.AdamW(P.values(), lr=LR)
     data, first = CharCorpus(), {}
     for step in steps:
-        loss, _ = reference_loss(P, *data.batch(step, BATCH, SEQ))
+        batch = data.batch(step, BATCH, SEQ)
+        parts = [[torch.cat([shard(t, r, world).chunk(micro)[i] for r in range(world)])
+                  for t in batch] for i in range(micro)]
+        loss = sum(reference_loss(P, *part)[0] for part in parts) / micro
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(P.values(), CLIP)
@@ -171,11 +199,12 @@ def key_bias_free(key: str, value: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("ep_size,recipe,options", [
     (2, "ddp", {}), (4, "ddp", {}), (1, "ddp", {}), (2, "fsdp", {}),
     (2, "ddp", {"ep_contiguous": False, "scheduler": "pipeline"}),  # EP groups {0,2}, {1,3}
+    (2, "gradsync", {}), (4, "interleaved", {"scheduler": "pipeline"}),
 ])
 def test_ep_x_dp_training_equals_single_process_training(ep_size, recipe, options):
     per_rank = run_ranks(train_parallel, 4, ep_size, recipe, options, timeout=240)
     initial, grads, final = (assemble([r[i] for r in per_rank]) for i in range(3))
-    ref, ref_grads = reference_training(initial, range(STEPS))
+    ref, ref_grads = reference_training(initial, range(STEPS), MICRO_BATCHES.get(recipe, 1))
     assert final.keys() == ref.keys() == grads.keys()
     for key in ref:  # the scale rule: gradients, which Adam's updates would not show
         close(grads[key], ref_grads[key], key + " (gradient)")

@@ -42,19 +42,42 @@ def data_parallel(model: nn.Module, layout: ParallelLayout,
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     ddp = DistributedDataParallel(model, process_group=layout.dp_group, **ddp_options)
     experts = [p for p in model.parameters() if is_expert_parameter(p)]
-    source = dist.get_global_rank(layout.edp_group, 0)
-    with torch.no_grad():
-        for p in experts:
-            dist.broadcast(p.data, source, group=layout.edp_group)
+    broadcast_experts(experts, layout)
     ddp.expert_sync = ExpertGradSync(ddp, experts, layout)
     return ddp
 
 
+@torch.no_grad()
+def broadcast_experts(experts: list[nn.Parameter], layout: ParallelLayout) -> None:
+    """Make the expert parameters equal across their EDP group (its first rank's)."""
+    source = dist.get_global_rank(layout.edp_group, 0)
+    for p in experts:
+        dist.broadcast(p.data, source, group=layout.edp_group)
+
+
+@torch.no_grad()
+def reduce_expert_grads(experts: list[nn.Parameter], layout: ParallelLayout) -> None:
+    """The scale rule for expert gradients: summed over the EDP group, divided by W (one flat
+    all-reduce per dtype; a missing gradient counts as zeros, so the ranks' calls match)."""
+    buckets: dict[tuple, list[torch.Tensor]] = {}
+    for p in experts:
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in buckets.values():
+        flat = _flatten_dense_tensors(grads)
+        flat.mul_(1.0 / layout.world_size)
+        if layout.edp_size > 1:
+            dist.all_reduce(flat, group=layout.edp_group)
+        for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+
 class ExpertGradSync:
-    """Reduces the expert gradients over the EDP group once per synced backward: queued by the
-    first gradient of the backward pass, run when autograd finishes it (one flat all-reduce per
-    dtype; every expert parameter takes part, a missing gradient as zeros, so the ranks' calls
-    always match)."""
+    """Reduces the expert gradients over the EDP group once per synced backward
+    (`reduce_expert_grads`): queued by the first gradient of the backward pass, run when
+    autograd finishes it."""
 
     def __init__(self, ddp: DistributedDataParallel, params: list[nn.Parameter],
                  layout: ParallelLayout) -> None:
@@ -69,22 +92,9 @@ class ExpertGradSync:
             self.queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.reduce)
 
-    @torch.no_grad()
     def reduce(self) -> None:
         self.queued = False
-        buckets: dict[tuple, list[torch.Tensor]] = {}
-        for p in self.params:
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-        for grads in buckets.values():
-            flat = _flatten_dense_tensors(grads)
-            flat.mul_(1.0 / self.layout.world_size)
-            if self.layout.edp_size > 1:
-                dist.all_reduce(flat, group=self.layout.edp_group)
-            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-                grad.copy_(reduced)
+        reduce_expert_grads(self.params, self.layout)
 
 
 def fully_shard_moe(model: nn.Module, layout: ParallelLayout, **fsdp_options) -> nn.Module:

@@ -1,0 +1,152 @@
+"""Data-parallel gradients sent in chunks while no MoE exchange needs the link (FlowMoE's
+scheduled all-reduce), instead of DDP's buckets, which compete with the A2As or wait for the
+end of the backward pass.
+
+Legend: W ranks = EDP x EP (parallel/mesh.py).
+
+    sync = GradSync(model, layout)                # instead of data_parallel(model, layout)
+    loss.backward()                               # or interleaved_step(...): micro_batches=2
+    sync.finish()
+    optimizer.step(); optimizer.zero_grad()
+
+The dense parameters, in reverse order of registration (about the order backward produces
+their gradients), are cut into chunks of `chunk_bytes` (a large parameter spans several). A
+chunk is ready once each parameter in it has received its gradient from each of the step's
+`micro_batches` backward passes.
+Chunks go out strictly in chunk order (the same on every rank, whatever order they get ready
+in) as async all-reduces on a process group of their own (so that they never queue in front of
+an A2A in the EP group's worker threads), at most `window` in flight, and only while no
+exchange is in flight (link.py): the A2As have priority, a chunk waits for the next idle
+moment. A moment is any gradient arriving or exchange finishing.
+`finish()` sends what is left, waits, and applies data_parallel.py's scale rule: the dense
+gradients become the mean over all W ranks, the expert gradients the sum over their EDP group
+divided by W. The result equals the DDP recipe's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+from ..ops.experts import is_expert_parameter
+from ..parallel.data_parallel import broadcast_experts, reduce_expert_grads
+from ..parallel.mesh import ParallelLayout, check_layers
+from . import link
+
+
+@dataclass
+class _Chunk:
+    pieces: list[tuple[nn.Parameter, int, int]]  # elements [lo, hi) of each parameter's
+    arrived: int = 0  # gradients received this step, over all its parameters
+    flat: torch.Tensor | None = None  # the gradients, flattened once the chunk is ready
+    work: dist.Work | None = field(default=None, repr=False)  # its all-reduce, once sent
+
+
+class GradSync:
+    """Scheduled gradient synchronisation of `model` over `layout` (see the module doc)."""
+
+    def __init__(self, model: nn.Module, layout: ParallelLayout, *, micro_batches: int = 1,
+                 chunk_bytes: int = 1 << 20, window: int = 2) -> None:
+        for name, value in (("micro_batches", micro_batches), ("chunk_bytes", chunk_bytes),
+                            ("window", window)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"GradSync's {name} must be a positive int, got {value!r}")
+        check_layers(model, layout)
+        self.layout, self.micro_batches, self.window = layout, micro_batches, window
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.experts = [p for p in params if is_expert_parameter(p)]
+        dense = [p for p in params if not is_expert_parameter(p)]
+        ranks = dist.get_process_group_ranks(layout.dp_group)
+        self.group = dist.new_group(ranks, backend=dist.get_backend(layout.dp_group))
+        with torch.no_grad():  # start equal, as DDP does: rank 0's dense parameters
+            for p in dense:
+                dist.broadcast(p.data, ranks[0], group=self.group)
+        broadcast_experts(self.experts, layout)
+        self.chunks = _cut(dense[::-1], chunk_bytes)
+        self._chunks_of: dict[int, list[_Chunk]] = {}
+        for chunk in self.chunks:
+            for p, _, _ in chunk.pieces:
+                self._chunks_of.setdefault(id(p), []).append(chunk)
+        self._next = 0  # the first chunk not yet sent
+        self._in_flight: list[_Chunk] = []
+        self._hooks = [p.register_post_accumulate_grad_hook(self._arrived) for p in dense]
+        link.listen(self._pump)
+
+    def _arrived(self, p: torch.Tensor) -> None:
+        for chunk in self._chunks_of.get(id(p), []):
+            if chunk.flat is not None:
+                raise ConfigError(
+                    "a gradient arrived after its chunk was sent: GradSync(micro_batches="
+                    f"{self.micro_batches}) must equal the backward passes per step, and "
+                    "finish() must follow the last of them")
+            chunk.arrived += 1
+            if chunk.arrived == len(chunk.pieces) * self.micro_batches:
+                self._ready(chunk)
+        self._pump()
+
+    def _ready(self, chunk: _Chunk) -> None:
+        for p, _, _ in chunk.pieces:
+            if p.grad is None:  # no gradient this step (unused): zeros, so the ranks match
+                p.grad = torch.zeros_like(p)
+        chunk.flat = torch.cat([p.grad.view(-1)[lo:hi] for p, lo, hi in chunk.pieces])
+
+    def _pump(self) -> None:
+        """Send the next chunks, if ready, while the link is free of exchanges and the window
+        allows."""
+        self._in_flight = [c for c in self._in_flight if not c.work.is_completed()]
+        while (self._next < len(self.chunks) and self.chunks[self._next].flat is not None
+               and len(self._in_flight) < self.window and not link.busy()):
+            self._send_next()
+
+    def _send_next(self) -> None:
+        chunk = self.chunks[self._next]
+        chunk.work = dist.all_reduce(chunk.flat, group=self.group, async_op=True)
+        self._in_flight.append(chunk)
+        self._next += 1
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Send what is left, wait for every chunk, write the results into `.grad`."""
+        while self._next < len(self.chunks):
+            if self.chunks[self._next].flat is None:
+                self._ready(self.chunks[self._next])
+            self._send_next()
+        scale = 1.0 / self.layout.world_size
+        for chunk in self.chunks:
+            chunk.work.wait()
+            chunk.flat.mul_(scale)
+            at = 0
+            for p, lo, hi in chunk.pieces:
+                p.grad.view(-1)[lo:hi].copy_(chunk.flat[at:at + hi - lo])
+                at += hi - lo
+            chunk.arrived, chunk.flat, chunk.work = 0, None, None
+        self._in_flight.clear()
+        self._next = 0
+        reduce_expert_grads(self.experts, self.layout)
+
+    def close(self) -> None:
+        """Stop listening to the model's gradients and the link."""
+        for hook in self._hooks:
+            hook.remove()
+        link.unlisten(self._pump)
+
+
+def _cut(params: list[nn.Parameter], chunk_bytes: int) -> list[_Chunk]:
+    """The parameters' elements, in order, in chunks of `chunk_bytes` (one dtype each)."""
+    chunks: list[_Chunk] = []
+    room = 0  # elements left in the last chunk
+    for p in params:
+        lo = 0
+        while lo < p.numel():
+            if room == 0 or chunks[-1].pieces[0][0].dtype != p.dtype:
+                chunks.append(_Chunk([]))
+                room = max(1, chunk_bytes // p.element_size())
+            hi = min(p.numel(), lo + room)
+            chunks[-1].pieces.append((p, lo, hi))
+            room -= hi - lo
+            lo = hi
+    return chunks
