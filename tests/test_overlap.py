@@ -147,3 +147,18 @@ def _chunks_wait_for_the_link(rank: int, world: int) -> tuple[int, int, int]:
 def test_grad_chunks_go_out_only_while_no_exchange_is_in_flight():
     for ready, held, sent in run_ranks(_chunks_wait_for_the_link, 2, timeout=120):
         assert ready > 2 and held == 0 and sent == 2
+
+
+def test_micro_batch_threads_inherit_grad_mode_and_autocast():
+    seen = []
+
+    def step(x):
+        seen.append((torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"),
+                     torch.get_autocast_dtype("cpu")))
+        return (x * x).sum()
+
+    x = torch.ones(3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        interleaved_step(step, [x, x])
+    assert seen == [(True, True, torch.bfloat16)] * 2
+    assert torch.equal(x.grad, torch.full((3,), 4.0))  # 2x from each of the two micro-batches

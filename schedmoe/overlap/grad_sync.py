@@ -50,13 +50,15 @@ class GradSync:
     """Scheduled gradient synchronisation of `model` over `layout` (see the module doc)."""
 
     def __init__(self, model: nn.Module, layout: ParallelLayout, *, micro_batches: int = 1,
-                 chunk_bytes: int = 1 << 20, window: int = 2) -> None:
+                 chunk_bytes: int = 1 << 20, window: int = 2,
+                 wait_for_link: bool = True) -> None:
         for name, value in (("micro_batches", micro_batches), ("chunk_bytes", chunk_bytes),
                             ("window", window)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"GradSync's {name} must be a positive int, got {value!r}")
         check_layers(model, layout)
         self.layout, self.micro_batches, self.window = layout, micro_batches, window
+        self.wait_for_link = wait_for_link  # False: chunks go out as soon as ready (ablation)
         params = [p for p in model.parameters() if p.requires_grad]
         self.experts = [p for p in params if is_expert_parameter(p)]
         dense = [p for p in params if not is_expert_parameter(p)]
@@ -99,7 +101,8 @@ class GradSync:
         allows."""
         self._in_flight = [c for c in self._in_flight if not c.work.is_completed()]
         while (self._next < len(self.chunks) and self.chunks[self._next].flat is not None
-               and len(self._in_flight) < self.window and not link.busy()):
+               and len(self._in_flight) < self.window
+               and not (self.wait_for_link and link.busy())):
             self._send_next()
 
     def _send_next(self) -> None:
