@@ -6,7 +6,8 @@ or backward, so every A2A of either is in flight behind the other's work.
     optimizer.step()
 
 The same as `for b in batches: loss_of(model, b).backward()`: the same ops on the same data,
-gradients accumulated in the same order (turns.py), so bit for bit the same result. Any model
+gradients accumulated in the same order (turns.py), so bit for bit the same result (an
+`adaptive` layer may chunk a call differently, which can round differently). Any model
 works; its MoE layers hand over the turn at each exchange wait. `layer.aux_loss` and
 `layer.last_stats` are the calling micro-batch's own inside `step` (layer.py).
 
