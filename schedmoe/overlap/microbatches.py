@@ -57,7 +57,7 @@ def interleaved_step(step: Callable[[Any], torch.Tensor], micro_batches: Sequenc
         except BaseException as exc:  # re-raised by the caller's thread
             errors[i] = exc
 
-    threads = [threading.Thread(target=run, args=(i,), name=f"micro-batch {i}")
+    threads = [threading.Thread(target=run, args=(i,), name=f"micro-batch {i}", daemon=True)
                for i in range(len(micro_batches))]
     for thread in threads:
         thread.start()
