@@ -33,7 +33,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..ops.experts import is_expert_parameter
-from ..parallel.data_parallel import broadcast_experts, reduce_expert_grads
+from ..parallel.data_parallel import (broadcast_experts, broadcast_parameters,
+                                      reduce_expert_grads)
 from ..parallel.mesh import ParallelLayout, check_layers
 from . import link
 
@@ -64,9 +65,7 @@ class GradSync:
         dense = [p for p in params if not is_expert_parameter(p)]
         ranks = dist.get_process_group_ranks(layout.dp_group)
         self.group = dist.new_group(ranks, backend=dist.get_backend(layout.dp_group))
-        with torch.no_grad():  # start equal, as DDP does: rank 0's dense parameters
-            for p in dense:
-                dist.broadcast(p.data, ranks[0], group=self.group)
+        broadcast_parameters(dense, ranks[0], self.group)  # start equal, as DDP does
         broadcast_experts(self.experts, layout)
         self.chunks = _cut(dense[::-1], chunk_bytes)
         self._chunks_of: dict[int, list[_Chunk]] = {}

@@ -14,5 +14,5 @@ from .data_parallel import clip_grad_norm_, data_parallel, fully_shard_moe
 from .mesh import ParallelLayout, init_parallel, moe_layers, named_moe_layers
 
 __all__ = ["ParallelLayout", "init_parallel", "moe_layers", "named_moe_layers", "data_parallel",
-           "fully_shard_moe", "clip_grad_norm_", "save_checkpoint", "load_checkpoint", "full_state_dict",
-           "gather_experts"]
+           "fully_shard_moe", "clip_grad_norm_", "save_checkpoint", "load_checkpoint",
+           "full_state_dict", "gather_experts"]

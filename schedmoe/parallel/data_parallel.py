@@ -48,11 +48,16 @@ def data_parallel(model: nn.Module, layout: ParallelLayout,
 
 
 @torch.no_grad()
+def broadcast_parameters(params: list[nn.Parameter], source: int,
+                         group: dist.ProcessGroup) -> None:
+    """Make `params` equal across `group`: global rank `source`'s."""
+    for p in params:
+        dist.broadcast(p.data, source, group=group)
+
+
 def broadcast_experts(experts: list[nn.Parameter], layout: ParallelLayout) -> None:
     """Make the expert parameters equal across their EDP group (its first rank's)."""
-    source = dist.get_global_rank(layout.edp_group, 0)
-    for p in experts:
-        dist.broadcast(p.data, source, group=layout.edp_group)
+    broadcast_parameters(experts, dist.get_global_rank(layout.edp_group, 0), layout.edp_group)
 
 
 @torch.no_grad()
