@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
+import statistics
 import sys
 import tempfile
 from dataclasses import fields
@@ -42,25 +45,49 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
                    " --emulate-nodes 2 --ranks 1 gives every rank a core on a 2-core machine)")
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
     defaults = cls()
     for f in fields(cls):
         value = getattr(defaults, f.name)
         p.add_argument("--" + prefix + f.name.replace("_", "-"), dest=prefix + f.name,
-                       type=type(value), default=value, help=f"(default: {value})")
+                       type=_bool if isinstance(value, bool) else type(value), default=value,
+                       help=f"(default: {value})")
 
 
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:
-    from .simulator import ALGORITHMS, Cluster, Workload
+    from .sim import ALGORITHMS, Cluster, Workload, preset_names
 
     p = sub.add_parser("simulate", help="predict a layer step on a described cluster",
                        description="Simulates forward + backward of one MoE layer for every "
-                       "(A2A algorithm, codec, pipeline degree) on a cluster described by its "
-                       "link rates, GEMM rate and size; prints the best candidates.")
-    _add_dataclass_options(p, Cluster)
+                       "(A2A algorithm, codec, pipeline degree) on a cluster (a preset, a JSON "
+                       "file, or flags; flags override the file), optionally calibrated on "
+                       "measured steps first; prints the best candidates.")
+    p.add_argument("--cluster", metavar="NAME|PATH",
+                   help=f"a preset ({', '.join(preset_names())}) or a cluster JSON file "
+                   "(default: the Cluster defaults, H100 nodes)")
+    p.add_argument("--calibrate", metavar="RESULTS.json",
+                   help="fit the cluster's constants to measured steps first (records of "
+                   "experiments/sim_validation.py --measure or schedule_bench.py); the "
+                   "cluster flags below apply after the fit, so --nodes asks about a larger "
+                   "cluster than the one measured")
+    p.add_argument("--layout", help="with --calibrate: which layout of a multi-layout file")
+    p.add_argument("--save-cluster", metavar="PATH", help="write the (calibrated) cluster JSON")
+    for f in fields(Cluster):
+        if f.name not in ("name", "codecs"):
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                           type=type(getattr(Cluster(), f.name)),
+                           help=f"(default: the cluster's; {getattr(Cluster(), f.name)})")
     _add_dataclass_options(p, Workload)
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    p.add_argument("--codecs", default="none", help="comma separated, e.g. none,bf16,fp8")
+    p.add_argument("--codecs", default="none", help="comma separated, e.g. none,bf16,fp8,zfp")
     p.add_argument("--degrees", default="1-16", help="e.g. 1-16 or 1,2,4,8")
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--trace", metavar="PATH", help="Chrome trace JSON: best vs sequential")
@@ -122,17 +149,44 @@ def _degrees(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _simulate_cluster(args: argparse.Namespace):
+    """The cluster of `schedmoe simulate`: preset or file, calibrated, then the flags."""
+    from .sim import Cluster, calibrate, load_cluster, load_measurements, log_errors
+
+    cluster = load_cluster(args.cluster) if args.cluster else Cluster()
+    if args.calibrate:
+        records = load_measurements(args.calibrate, args.layout)
+        before = log_errors(cluster, records)
+        cluster = calibrate(cluster, records)
+        after = log_errors(cluster, records)
+        within = sum(abs(math.expm1(e)) <= 0.15 for e in after)
+        print(f"calibrated on {len(records)} measured steps: median |error| "
+              f"{100 * statistics.median(abs(math.expm1(e)) for e in before):.1f}% -> "
+              f"{100 * statistics.median(abs(math.expm1(e)) for e in after):.1f}%, "
+              f"{within} of {len(records)} within 15%")
+    changes = {f.name: getattr(args, f.name) for f in fields(Cluster)
+               if f.name not in ("name", "codecs") and getattr(args, f.name) is not None}
+    cluster = dataclasses.replace(cluster, **changes)
+    cluster.validate()
+    if args.save_cluster:
+        with open(args.save_cluster, "w") as f:
+            json.dump(cluster.to_json(), f, indent=1)
+        print(f"saved {args.save_cluster}")
+    return cluster
+
+
 def _simulate(args: argparse.Namespace) -> None:
-    from .simulator import Cluster, Workload, predict, search
+    from .sim import Workload, predict, search
     from .trace import save_chrome_trace, save_gantt
 
-    cluster = Cluster(**{f.name: getattr(args, f.name) for f in fields(Cluster)})
+    cluster = _simulate_cluster(args)
     workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
     ranked = search(workload, cluster, args.algorithms.split(","), args.codecs.split(","),
                     _degrees(args.degrees))
     sequential = predict(workload, cluster, "nccl", "none", 1)
-    print(f"{cluster.nodes} nodes x {cluster.ranks_per_node} ranks, inter {cluster.inter_gbit} "
-          f"Gbit/s, intra {cluster.intra_gbit} Gbit/s per rank, {cluster.gemm_tflops} TFLOP/s; "
+    print(f"{cluster.name}: {cluster.nodes} nodes x {cluster.ranks_per_node} ranks, "
+          f"{cluster.nics_per_node} x {cluster.nic_gbit} Gbit/s NICs per node, intra "
+          f"{cluster.intra_gbyte_s} GB/s per rank, {cluster.gemm_tflops} TFLOP/s; "
           f"{workload.tokens} tokens/rank, M={workload.model_dim}, H={workload.hidden_dim}, "
           f"E={workload.num_experts}, top-{workload.top_k}, C={workload.capacity()}")
     print(f"sequential (nccl, none, r=1): {1e3 * sequential.seconds:.3f} ms forward+backward")
@@ -152,7 +206,7 @@ def _simulate(args: argparse.Namespace) -> None:
         save_gantt(runs, args.gantt, "simulated forward + backward")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cluster": vars(cluster), "workload": vars(workload),
+            json.dump({"cluster": cluster.to_json(), "workload": vars(workload),
                        "predictions": [{"algorithm": p.algorithm, "codec": p.codec,
                                         "degree": p.degree, "seconds": p.seconds,
                                         "overlap_efficiency": p.forward.overlap_efficiency}
@@ -167,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "simulate":
-        _simulate(args)
+        from .errors import SchedMoEError
+        try:
+            _simulate(args)
+        except SchedMoEError as exc:  # a bad cluster file or measurement: say so, no traceback
+            parser.exit(2, f"schedmoe simulate: error: {exc}\n")
         return 0
     if args.command == "train":
         _train(args)

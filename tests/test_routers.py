@@ -328,7 +328,7 @@ def test_shared_experts_overlap_the_dispatch_and_match_sequential(scheduler):
 
 
 def test_simulator_places_shared_work_while_the_first_exchanges_fly():
-    from schedmoe.simulator import simulate
+    from schedmoe.sim import simulate
 
     chunk = {"dispatch.compress": 1.0, "dispatch.a2a": 4.0, "dispatch.decompress": 1.0,
              "experts": 2.0, "combine.compress": 1.0, "combine.a2a": 4.0,

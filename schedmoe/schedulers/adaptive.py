@@ -51,7 +51,7 @@ from ..distributed import collective
 from ..errors import ConfigError
 from ..ops.codec_set import CodecSet, make_codec
 from ..registry import register_scheduler, registry
-from ..simulator import BACKWARD, FORWARD, CostModel, simulate
+from ..sim.timeline import BACKWARD, FORWARD, CostModel, simulate
 from .base import Scheduler, StepContext, chunk_bounds
 from .clock import StepClock
 from .pipeline import PipelineScheduler

@@ -1,0 +1,127 @@
+"""One MoE layer's step on a described cluster: task costs, prediction, the candidate search.
+
+A step is forward + backward of one layer: routing and the dispatch scatter / combine gather
+outside the region (memory-bound work plus the gate's GEMM), and the pipelined region of each
+pass (timeline.py) with its tasks costed from the cluster (cluster.py) and codec (codecs.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ..errors import ConfigError
+from .cluster import ALGORITHMS, Cluster, a2a_seconds, issue_seconds
+from .timeline import BACKWARD, FORWARD, Timeline, simulate
+
+CODECS = ("none", "fp16", "bf16", "int8", "fp8", "zstd", "zfp")
+
+
+@dataclass
+class Workload:
+    tokens: int = 4096  # per rank
+    model_dim: int = 4096
+    hidden_dim: int = 14336
+    num_experts: int = 64
+    top_k: int = 2
+    capacity_factor: float = 1.25  # <= 0: dropless
+    dtype_bytes: int = 2
+    ragged: bool = False  # exchange only the routed rows, not the padded [E, C, M] buffer
+    shared_hidden_dim: int = 0  # shared experts' total hidden size; 0: none
+
+    def capacity(self) -> int:
+        return math.ceil(self.capacity_factor * self.top_k * self.tokens / self.num_experts)
+
+    def rows(self) -> int:
+        """Rows one rank sends per exchange (= rows its experts receive, routing balanced)."""
+        if self.capacity_factor <= 0:
+            return self.top_k * self.tokens
+        padded = self.num_experts * self.capacity()
+        return min(padded, self.top_k * self.tokens) if self.ragged else padded
+
+
+@dataclass(order=True)
+class Prediction:
+    seconds: float  # forward + backward
+    algorithm: str = field(compare=False)
+    codec: str = field(compare=False)
+    degree: int = field(compare=False)
+    forward: Timeline = field(compare=False, repr=False)
+    backward: Timeline = field(compare=False, repr=False)
+    outside: float = field(compare=False, default=0.0)  # routing, scatter, gather
+
+
+def chunk_costs(workload: Workload, cluster: Cluster, algorithm: str, codec: str,
+                degree: int, backward: bool = False) -> list[dict[str, float]]:
+    """Seconds of every task of every chunk, from the cluster's parameters."""
+    w, c = workload, cluster
+    codec_model = c.codec(codec)
+    wire = codec_model.wire_fraction(w.dtype_bytes, w.model_dim)
+    overhead = c.task_overhead_us * 1e-6
+    first, expert, second = BACKWARD if backward else FORWARD
+    rows = w.rows()
+    parts = max(1, min(degree, rows))
+    chunks = []
+    for i in range(parts):
+        chunk_rows = rows // parts + (1 if i < rows % parts else 0)
+        nbytes = chunk_rows * w.model_dim * w.dtype_bytes
+        coding = 0.0 if codec == "none" else overhead + codec_model.seconds(nbytes)
+        # issuing an exchange is compute-side work: it joins the compress task before it
+        issue = issue_seconds(c, algorithm, nbytes * wire)
+        exchange = overhead + a2a_seconds(c, algorithm, nbytes * wire)
+        flops = 4 * chunk_rows * w.model_dim * w.hidden_dim
+        # rows per local expert decide a GEMM's efficiency (half rate at gemm_half_rows)
+        expert_rows = max(chunk_rows * c.world / w.num_experts, 1e-9)
+        gemm = flops / (c.gemm_tflops * 1e12) * (1 + c.gemm_half_rows / expert_rows)
+        chunks.append({
+            f"{first}.compress": coding + issue, f"{first}.a2a": exchange,
+            f"{first}.decompress": coding,
+            expert: overhead + gemm * (c.backward_factor if backward else 1.0),
+            f"{second}.compress": coding + issue, f"{second}.a2a": exchange,
+            f"{second}.decompress": coding,
+        })
+    return chunks
+
+
+def outside_seconds(workload: Workload, cluster: Cluster) -> float:
+    """Forward + backward of what lies outside the region: the gate's GEMM and the dispatch
+    scatter / combine gather (a read and a write of every routed row each way)."""
+    w, c = workload, cluster
+    gate = 2 * w.tokens * w.model_dim * w.num_experts / (c.gemm_tflops * 1e12)
+    moves = 4 * w.rows() * w.model_dim * w.dtype_bytes / (c.memory_gbyte_s * 1e9)
+    forward = 2 * c.task_overhead_us * 1e-6 + gate + moves
+    return forward * (1 + c.backward_factor)
+
+
+def shared_seconds(workload: Workload, cluster: Cluster, backward: bool) -> float:
+    w, c = workload, cluster
+    if not w.shared_hidden_dim:
+        return 0.0
+    flops = 4 * w.tokens * w.model_dim * w.shared_hidden_dim
+    return flops / (cluster.gemm_tflops * 1e12) * (c.backward_factor if backward else 1.0)
+
+
+def predict(workload: Workload, cluster: Cluster, algorithm: str, codec: str,
+            degree: int) -> Prediction:
+    slow = {"compute_slowdown": cluster.compute_slowdown,
+            "comm_slowdown": cluster.comm_slowdown}
+    fwd = simulate(chunk_costs(workload, cluster, algorithm, codec, degree), FORWARD,
+                   shared=shared_seconds(workload, cluster, False), **slow)
+    bwd = simulate(chunk_costs(workload, cluster, algorithm, codec, degree, backward=True),
+                   BACKWARD, start=fwd.makespan, shared=shared_seconds(workload, cluster, True),
+                   **slow)
+    outside = outside_seconds(workload, cluster)
+    return Prediction(fwd.makespan + bwd.makespan + outside, algorithm, codec, degree, fwd, bwd,
+                      outside)
+
+
+def search(workload: Workload, cluster: Cluster, algorithms: Sequence[str] = ALGORITHMS,
+           codecs: Sequence[str] = ("none",), degrees: Sequence[int] = range(1, 17)
+           ) -> list[Prediction]:
+    """Every candidate's prediction, best first."""
+    if workload.num_experts % cluster.world:
+        raise ConfigError(f"{workload.num_experts} experts do not divide over {cluster.world} "
+                          "ranks; choose num_experts as a multiple of nodes x ranks_per_node")
+    return sorted(predict(workload, cluster, a, c, r)
+                  for a in algorithms for c in codecs for r in degrees)
