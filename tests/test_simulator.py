@@ -11,8 +11,8 @@ import pytest
 from schedmoe.recorder import TraceEvent
 from schedmoe.errors import ConfigError
 from schedmoe.sim import (Cluster, CostModel, Measurement, Workload, a2a_seconds, calibrate,
-                          codec_model, exchange_seconds, load_cluster, load_measurements, log_errors, predict,
-                          preset_names, search, simulate)
+                          codec_model, exchange_seconds, load_cluster, load_measurements,
+                          log_errors, predict, preset_names, search, simulate)
 from schedmoe.trace import chrome_trace, save_gantt
 
 TASKS = ["dispatch.compress", "dispatch.a2a", "dispatch.decompress", "experts",
@@ -255,10 +255,13 @@ def test_load_measurements_formats(tmp_path):
     bench = {"rows": [{"workload": w, "ms": {"sequential": 9.0, "nccl r=2": 10.0,
                                               "pipe r=4": 8.0}}]}
     (tmp_path / "bench.json").write_text(json.dumps(bench))
-    records = load_measurements(tmp_path / "bench.json", workload_defaults={"num_experts": 8})
+    records = load_measurements(tmp_path / "bench.json")
     assert [(m.algorithm, m.degree, m.seconds) for m in records] == [("nccl", 2, 0.01),
                                                                       ("pipe", 4, 0.008)]
-    assert records[0].workload.num_experts == 8
+    w0 = records[0].workload
+    assert (w0.num_experts, w0.dtype_bytes, w0.ragged, w0.model_dim) == (8, 4, True, 64)
+    records = load_measurements(tmp_path / "bench.json", workload_defaults={"top_k": 1})
+    assert records[0].workload.top_k == 2  # the record's own value wins
     layouts = {"layouts": {"a": {"records": [{"workload": w, "algorithm": "2dh", "codec": "bf16",
                                               "degree": 1, "ms": 5.0}]}, "b": {"records": []}}}
     (tmp_path / "multi.json").write_text(json.dumps(layouts))

@@ -31,7 +31,8 @@ from .model import Workload, predict
 # and algorithm the records use, its throughput and per-call cost.
 DEFAULT_FIELDS = ("gemm_tflops", "gemm_half_rows", "memory_gbyte_s", "task_overhead_us",
                   "intra_gbyte_s", "intra_latency_us", "nic_gbit", "inter_latency_us",
-                  "inter_knee_mb", "inter_large_efficiency", "compute_slowdown", "comm_slowdown")
+                  "inter_knee_mb", "inter_large_efficiency", "compute_slowdown", "comm_slowdown",
+                  "backward_factor")
 MAY_BE_ZERO = ("compute_slowdown", "comm_slowdown", "gemm_half_rows", "intra_latency_us",
                "inter_latency_us", "task_overhead_us", "per_call_us", "a2a_call_us")
 FRACTIONS = ("intra_large_efficiency", "inter_large_efficiency")
@@ -60,7 +61,7 @@ def _record(raw: dict, source: str) -> Measurement:
 def load_measurements(path: str | Path, layout: str | None = None,
                       workload_defaults: dict | None = None) -> list[Measurement]:
     """Records from a results file (formats in the module docstring). `workload_defaults` fills
-    Workload fields the file leaves out (schedule_bench does not store its 8 experts)."""
+    Workload fields the records leave out."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -72,9 +73,10 @@ def load_measurements(path: str | Path, layout: str | None = None,
         if layout not in data["layouts"]:
             raise ConfigError(f"{path} holds layouts {names}; choose one (--layout)")
         data = data["layouts"][layout]
-    if isinstance(data, dict) and "rows" in data:  # schedule_bench
-        data = [{"workload": row["workload"], "algorithm": key.split(" r=")[0], "codec": "none",
-                 "degree": int(key.split(" r=")[1]), "ms": ms}
+    if isinstance(data, dict) and "rows" in data:  # schedule_bench: 8 experts, fp32, ragged
+        known = {"num_experts": 8, "dtype_bytes": 4, "ragged": True}
+        data = [{"workload": {**known, **row["workload"]}, "algorithm": key.split(" r=")[0],
+                 "codec": "none", "degree": int(key.split(" r=")[1]), "ms": ms}
                 for row in data["rows"] for key, ms in row["ms"].items() if " r=" in key]
     if isinstance(data, dict):
         data = data.get("records")
@@ -205,7 +207,7 @@ def levenberg_marquardt(residuals: Callable[[list[float]], list[float]], x0: lis
 
 
 def calibrate(cluster: Cluster, records: Sequence[Measurement],
-              fit: Sequence[str] | None = None, robust: float = 0.05) -> Cluster:
+              fit: Sequence[str] | None = None, robust: float = 0.02) -> Cluster:
     """The cluster with the `fit` fields (default: DEFAULT_FIELDS, and the per-call cost of
     every algorithm and the throughput and per-call cost of every codec in the records) that
     best explain the records."""

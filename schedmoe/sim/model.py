@@ -52,6 +52,23 @@ class Prediction:
     outside: float = field(compare=False, default=0.0)  # routing, scatter, gather
 
 
+def _chunk_rows(w: Workload, degree: int) -> list[float]:
+    """Rows one rank sends in each chunk. Chunks are ranges of capacity slots, as the schedulers
+    cut them (`chunk_bounds`); padded, every slot of every expert is sent; ragged, only the
+    routed rows, which fill an expert's first k T / E slots (routing balanced), so that the last
+    chunks of a generous capacity carry little or nothing but still cost their calls."""
+    from ..schedulers.base import chunk_bounds  # here: schedulers import the timeline
+
+    if w.capacity_factor <= 0:  # dropless: the capacity is what arrives
+        capacity = math.ceil(w.top_k * w.tokens / w.num_experts)
+        fill = float(capacity)
+    else:
+        capacity = w.capacity()
+        fill = min(capacity, w.top_k * w.tokens / w.num_experts) if w.ragged else capacity
+    return [w.num_experts * max(0.0, min(hi, fill) - lo)
+            for lo, hi in chunk_bounds(capacity, degree)]
+
+
 def chunk_costs(workload: Workload, cluster: Cluster, algorithm: str, codec: str,
                 degree: int, backward: bool = False) -> list[dict[str, float]]:
     """Seconds of every task of every chunk, from the cluster's parameters."""
@@ -60,11 +77,8 @@ def chunk_costs(workload: Workload, cluster: Cluster, algorithm: str, codec: str
     wire = codec_model.wire_fraction(w.dtype_bytes, w.model_dim)
     overhead = c.task_overhead_us * 1e-6
     first, expert, second = BACKWARD if backward else FORWARD
-    rows = w.rows()
-    parts = max(1, min(degree, rows))
     chunks = []
-    for i in range(parts):
-        chunk_rows = rows // parts + (1 if i < rows % parts else 0)
+    for chunk_rows in _chunk_rows(w, degree):
         nbytes = chunk_rows * w.model_dim * w.dtype_bytes
         coding = 0.0 if codec == "none" else overhead + codec_model.seconds(nbytes)
         # issuing an exchange is compute-side work: it joins the compress task before it
