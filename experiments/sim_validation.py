@@ -332,8 +332,9 @@ def markdown(res: dict) -> str:
                      f"{f['ms']['pipe'][i]:.2f} | {f['pipe_over_nccl'][i]:.2f}x | "
                      f"{f['pipe_over_2dh'][i]:.2f}x | {f['winner'][i]} |")
     sc = res["scale"]
-    lines += ["", f"## 2dh vs flat by cluster size on `h100-nvlink` ({sc['bytes_per_rank'] / 2**20:.0f}"
-              f" MiB per rank; crossover at {sc['crossover_gpus']} GPUs)", "",
+    lines += ["", f"## 2dh vs flat by cluster size on `h100-nvlink` "
+              f"({sc['bytes_per_rank'] / 2**20:.0f} MiB per rank; crossover at "
+              f"{sc['crossover_gpus']} GPUs)", "",
               "| GPUs | flat ms | 2dh ms | 2dh speedup | best candidate | best uncompressed "
               "| candidates | search s |", "|---" * 8 + "|"]
     for r in sc["rows"]:

@@ -18,6 +18,6 @@ from .timeline import BACKWARD, FORWARD, CostModel, Timeline, simulate
 __all__ = [
     "ALGORITHMS", "BACKWARD", "CODECS", "FORWARD", "Cluster", "CodecModel", "CostModel",
     "Measurement", "Prediction", "Timeline", "Workload", "a2a_seconds", "calibrate",
-    "chunk_costs", "codec_model", "exchange_seconds", "issue_seconds", "load_cluster", "load_measurements", "log_errors",
-    "predict", "preset_names", "search", "simulate",
+    "chunk_costs", "codec_model", "exchange_seconds", "issue_seconds", "load_cluster",
+    "load_measurements", "log_errors", "predict", "preset_names", "search", "simulate",
 ]

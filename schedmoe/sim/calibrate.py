@@ -5,7 +5,10 @@ A user measures the small cluster they have (`experiments/sim_validation.py --me
 cluster they do not have with the fitted rates. The fit minimises the mean squared log error
 of predicted vs measured steps over the chosen fields (Levenberg-Marquardt with a numerical
 Jacobian, on transformed fields so that every value stays in its range: rates as logs, fields
-that may be 0 as log(1 + x), efficiencies as logits).
+that may be 0 as log(1 + x), efficiencies and the backward factor as logits within bounds).
+Fields the records cannot tell apart (the intra-node link of a layout with one rank per node,
+say) keep values that are not measurements: read a calibrated cluster as a whole, not field
+by field.
 
 Records: `{"workload": {Workload fields}, "algorithm", "codec", "degree", "ms"}`. Accepted
 files: a list of records; `{"records": [...]}`; sim_validation's `{"layouts": {name: {"records":
@@ -35,7 +38,8 @@ DEFAULT_FIELDS = ("gemm_tflops", "gemm_half_rows", "memory_gbyte_s", "task_overh
                   "backward_factor")
 MAY_BE_ZERO = ("compute_slowdown", "comm_slowdown", "gemm_half_rows", "intra_latency_us",
                "inter_latency_us", "task_overhead_us", "per_call_us", "a2a_call_us")
-FRACTIONS = ("intra_large_efficiency", "inter_large_efficiency")
+RANGES = {"intra_large_efficiency": (0.0, 1.0), "inter_large_efficiency": (0.0, 1.0),
+          "backward_factor": (1.0, 4.0)}  # fitted inside these bounds (logit)
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,9 @@ def _check_field(c: Cluster, name: str) -> None:
 
 def _encode(name: str, value: float) -> float:
     key = name.split(".")[-1] if name.startswith("codecs.") else name.split(".")[0]
-    if key in FRACTIONS:
-        v = min(max(value, 1e-6), 1 - 1e-6)
+    if key in RANGES:
+        lo, hi = RANGES[key]
+        v = min(max((value - lo) / (hi - lo), 1e-6), 1 - 1e-6)
         return math.log(v / (1 - v))
     if key in MAY_BE_ZERO:
         return math.log1p(max(value, 0.0))
@@ -143,8 +148,9 @@ def _encode(name: str, value: float) -> float:
 def _decode(name: str, u: float) -> float:
     key = name.split(".")[-1] if name.startswith("codecs.") else name.split(".")[0]
     u = min(max(u, -50.0), 50.0)
-    if key in FRACTIONS:
-        return 1 / (1 + math.exp(-u))
+    if key in RANGES:
+        lo, hi = RANGES[key]
+        return lo + (hi - lo) / (1 + math.exp(-u))
     if key in MAY_BE_ZERO:
         return max(math.expm1(u), 0.0)
     return math.exp(u)
