@@ -62,6 +62,15 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, prefix: str = 
                        help=f"(default: {value})")
 
 
+def _cluster_flags() -> list[str]:
+    """The Cluster fields settable from the command line: the numbers (tables such as `codecs`
+    and `a2a_call_us` live in cluster files)."""
+    from .sim import Cluster
+
+    return [f.name for f in fields(Cluster)
+            if isinstance(getattr(Cluster(), f.name), (int, float))]
+
+
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     from .sim import ALGORITHMS, Cluster, Workload, preset_names
 
@@ -80,11 +89,10 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    "cluster than the one measured")
     p.add_argument("--layout", help="with --calibrate: which layout of a multi-layout file")
     p.add_argument("--save-cluster", metavar="PATH", help="write the (calibrated) cluster JSON")
-    for f in fields(Cluster):
-        if f.name not in ("name", "codecs"):
-            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                           type=type(getattr(Cluster(), f.name)),
-                           help=f"(default: the cluster's; {getattr(Cluster(), f.name)})")
+    for name in _cluster_flags():
+        default = getattr(Cluster(), name)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       type=type(default), help=f"(default: the cluster's; {default})")
     _add_dataclass_options(p, Workload)
     p.add_argument("--algorithms", default=",".join(ALGORITHMS))
     p.add_argument("--codecs", default="none", help="comma separated, e.g. none,bf16,fp8,zfp")
@@ -164,8 +172,8 @@ def _simulate_cluster(args: argparse.Namespace):
               f"{100 * statistics.median(abs(math.expm1(e)) for e in before):.1f}% -> "
               f"{100 * statistics.median(abs(math.expm1(e)) for e in after):.1f}%, "
               f"{within} of {len(records)} within 15%")
-    changes = {f.name: getattr(args, f.name) for f in fields(Cluster)
-               if f.name not in ("name", "codecs") and getattr(args, f.name) is not None}
+    changes = {name: getattr(args, name) for name in _cluster_flags()
+               if getattr(args, name) is not None}
     cluster = dataclasses.replace(cluster, **changes)
     cluster.validate()
     if args.save_cluster:
