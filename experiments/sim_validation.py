@@ -235,7 +235,7 @@ def fig9() -> dict:
 
 
 def scale_sweep() -> dict:
-    from schedmoe.sim import Cluster, Workload, exchange_seconds, load_cluster, search
+    from schedmoe.sim import Workload, exchange_seconds, load_cluster, search
     from schedmoe.sim.model import CODECS
 
     base = load_cluster("h100-nvlink")
@@ -244,7 +244,7 @@ def scale_sweep() -> dict:
     nbytes = w.top_k * w.tokens * w.model_dim * w.dtype_bytes  # 64 MiB per rank, dropless
     rows = []
     for n in nodes:
-        c = Cluster(**{**base.to_json(), "nodes": n})
+        c = dataclasses.replace(base, nodes=n)
         flat, hier = exchange_seconds(c, "nccl", nbytes), exchange_seconds(c, "2dh", nbytes)
         wl = Workload(**{**vars(w), "num_experts": c.world})
         start = time.perf_counter()

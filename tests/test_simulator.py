@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def test_2dh_pays_off_only_at_large_scale():
     h100 = load_cluster("h100-nvlink")
 
     def ratio(nodes: int) -> float:
-        c = Cluster(**{**h100.to_json(), "nodes": nodes})
+        c = dataclasses.replace(h100, nodes=nodes)
         nbytes = 4096 * 2 * 4096 * 2  # 4,096 tokens, top-2, M 4,096, bf16
         return exchange_seconds(c, "nccl", nbytes) / exchange_seconds(c, "2dh", nbytes)
     assert ratio(2) < 1.0 and ratio(4) < 1.0

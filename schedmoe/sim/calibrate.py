@@ -132,8 +132,14 @@ def _check_field(c: Cluster, name: str) -> None:
         raise ConfigError(f"cannot fit {name!r}: not a numeric cluster field")
 
 
+def _kind(name: str) -> str:
+    """The field a name stands for when choosing its transform: `codecs.zstd.gbyte_s` is a
+    `gbyte_s`, `a2a_call_us.pipe` an `a2a_call_us`."""
+    return name.split(".")[-1] if name.startswith("codecs.") else name.split(".")[0]
+
+
 def _encode(name: str, value: float) -> float:
-    key = name.split(".")[-1] if name.startswith("codecs.") else name.split(".")[0]
+    key = _kind(name)
     if key in RANGES:
         lo, hi = RANGES[key]
         v = min(max((value - lo) / (hi - lo), 1e-6), 1 - 1e-6)
@@ -146,7 +152,7 @@ def _encode(name: str, value: float) -> float:
 
 
 def _decode(name: str, u: float) -> float:
-    key = name.split(".")[-1] if name.startswith("codecs.") else name.split(".")[0]
+    key = _kind(name)
     u = min(max(u, -50.0), 50.0)
     if key in RANGES:
         lo, hi = RANGES[key]

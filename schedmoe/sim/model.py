@@ -33,12 +33,9 @@ class Workload:
     def capacity(self) -> int:
         return math.ceil(self.capacity_factor * self.top_k * self.tokens / self.num_experts)
 
-    def rows(self) -> int:
+    def rows(self) -> float:
         """Rows one rank sends per exchange (= rows its experts receive, routing balanced)."""
-        if self.capacity_factor <= 0:
-            return self.top_k * self.tokens
-        padded = self.num_experts * self.capacity()
-        return min(padded, self.top_k * self.tokens) if self.ragged else padded
+        return sum(_chunk_rows(self, 1))
 
 
 @dataclass(order=True)
@@ -59,12 +56,12 @@ def _chunk_rows(w: Workload, degree: int) -> list[float]:
     chunks of a generous capacity carry little or nothing but still cost their calls."""
     from ..schedulers.base import chunk_bounds  # here: schedulers import the timeline
 
+    routed = w.top_k * w.tokens / w.num_experts  # rows per expert and source rank
     if w.capacity_factor <= 0:  # dropless: the capacity is what arrives
-        capacity = math.ceil(w.top_k * w.tokens / w.num_experts)
-        fill = float(capacity)
+        capacity, fill = math.ceil(routed), routed
     else:
         capacity = w.capacity()
-        fill = min(capacity, w.top_k * w.tokens / w.num_experts) if w.ragged else capacity
+        fill = min(capacity, routed) if w.ragged else capacity
     return [w.num_experts * max(0.0, min(hi, fill) - lo)
             for lo, hi in chunk_bounds(capacity, degree)]
 
