@@ -9,7 +9,8 @@ from . import a2a_algos, ops, routers, schedulers  # noqa: F401  (registers the 
 from .errors import (A2AError, ConfigError, ConfigMismatchError, InputError, PeerError,
                      RankError, RegistryError, SchedMoEError, StepError,
                      UnsupportedModelError)
-from .layer import LayerStats, MoEConfig, MoELayer, expert_parameters, non_expert_parameters
+from .layer import LayerStats, MoEConfig, MoELayer
+from .parallel.identity import expert_parameters, non_expert_parameters
 from .registry import (register_a2a, register_compressor, register_expert, register_gate,
                        register_scheduler, registry)
 

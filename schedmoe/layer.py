@@ -411,13 +411,3 @@ class MoELayer(nn.Module):
                 f"({self.num_local_experts} local), hidden_dim={c.hidden_dim}, top_k={c.top_k}, "
                 f"capacity_factor={c.capacity_factor}, a2a={canonical(c.a2a, 'a2a')}, "
                 f"compressor={self.codecs.describe()}, scheduler={self.scheduler.describe()}")
-
-
-def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters owned by one EP rank (keep them out of data-parallel all-reduce)."""
-    return [p for p in model.parameters() if getattr(p, "expert", False)]
-
-
-def non_expert_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters replicated across ranks (gate and the rest of the model)."""
-    return [p for p in model.parameters() if not getattr(p, "expert", False)]

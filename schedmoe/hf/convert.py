@@ -16,11 +16,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..distributed import EPGroup
 from ..errors import UnsupportedModelError
 from ..layer import MoELayer
-from ..parallel.checkpoint import gather_experts
+from ..parallel.checkpoint import gather_experts, model_entries
+from ..parallel.identity import ExpertMap, canonical_name
 from .families import (FAMILIES, Family, expert_tensors, hf_expert_tensors, hf_shared_tensors,
                        looks_like_moe, shared_tensors)
 
@@ -117,12 +119,15 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The converted model's state dict in the original transformers layout (every expert,
     gathered over each block's EP group; a collective: call it on every rank). Loads into the
     unconverted model (`load_state_dict`, or `save_pretrained(..., state_dict=...)`)."""
-    state = model.state_dict()
+    experts = ExpertMap(model)  # identity and canonical names: wrappers change neither
     out: dict[str, torch.Tensor] = {}
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, HFMoEBlock)}
-    for key, value in state.items():
-        if not any(key.startswith(f"{name}.moe.") for name in blocks):
-            out[key] = value
+    blocks: dict[str, HFMoEBlock] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, HFMoEBlock):
+            blocks.setdefault(canonical_name(model, name), module)
+    for fqn, value, _ in model_entries(model, experts):
+        if not any(fqn.startswith(f"{name}.moe.") for name in blocks):
+            out[fqn] = _whole(value) if isinstance(value, torch.Tensor) else value
     for name, block in blocks.items():
         layer, family = block.moe, block.family
         ours = {n: gather_experts(p.detach(), layer.group)
@@ -130,9 +135,15 @@ def to_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, value in hf_expert_tensors(ours, family.layout).items():
             out[f"{name}.experts.{key}"] = value
         if family.shared is not None:
-            mlp = {n: p.detach() for n, p in layer.shared.mlp.named_parameters()}
+            mlp = {n: _whole(p) for n, p in layer.shared.mlp.named_parameters()}
             for key, value in hf_shared_tensors(mlp).items():
                 out[f"{name}.{family.shared}.{key}"] = value
         if family.shared_gate is not None:
-            out[f"{name}.{family.shared_gate}.weight"] = layer.shared.gate_1M.detach().clone()
+            out[f"{name}.{family.shared_gate}.weight"] = _whole(layer.shared.gate_1M).clone()
     return out
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached dense tensor, gathered if FSDP2 sharded it (a collective then)."""
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -102,10 +102,13 @@ class Expert(nn.Module):
                                                   for p in self.parameters())
 
     def _grouped_mm_fits(self, x_RM: torch.Tensor) -> bool:
-        """torch._grouped_mm needs fp32/bf16/fp16 and rows of a multiple of 16 bytes."""
+        """torch._grouped_mm needs fp32/bf16/fp16 (bf16 when compiled) and rows of a multiple of
+        16 bytes."""
         if not hasattr(torch, "_grouped_mm") or x_RM.dtype not in (
                 torch.float32, torch.bfloat16, torch.float16):
             return False
+        if torch.compiler.is_compiling() and x_RM.dtype != torch.bfloat16:
+            return False  # its meta kernel, which tracing runs, takes bf16 only (torch 2.13)
         size = x_RM.element_size()
         dims = [x_RM.shape[1]] + [d for p in self.parameters() if p.dim() == 3
                                   for d in p.shape[1:]]

@@ -32,9 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
-from ..ops.experts import is_expert_parameter
 from ..parallel.data_parallel import (broadcast_experts, broadcast_parameters,
                                       reduce_expert_grads)
+from ..parallel.identity import ExpertMap
 from ..parallel.mesh import ParallelLayout, check_layers
 from . import link
 
@@ -61,8 +61,9 @@ class GradSync:
         self.layout, self.micro_batches, self.window = layout, micro_batches, window
         self.wait_for_link = wait_for_link  # False: chunks go out as soon as ready (ablation)
         params = [p for p in model.parameters() if p.requires_grad]
-        self.experts = [p for p in params if is_expert_parameter(p)]
-        dense = [p for p in params if not is_expert_parameter(p)]
+        experts = ExpertMap(model)
+        self.experts = [p for p in params if p in experts]
+        dense = [p for p in params if p not in experts]
         ranks = dist.get_process_group_ranks(layout.dp_group)
         self.group = dist.new_group(ranks, backend=dist.get_backend(layout.dp_group))
         broadcast_parameters(dense, ranks[0], self.group)  # start equal, as DDP does

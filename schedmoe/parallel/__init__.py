@@ -9,10 +9,13 @@ FSDP2), global-norm clipping, and checkpoints with global expert identity (DCP, 
     schedmoe.parallel.save_checkpoint(path, model, opt, layout)
 """
 
-from .checkpoint import full_state_dict, gather_experts, load_checkpoint, save_checkpoint
+from .checkpoint import (full_state_dict, gather_experts, load_checkpoint, read_manifest,
+                         save_checkpoint, verify_checkpoint)
+from .identity import ExpertMap, canonical_name
 from .data_parallel import clip_grad_norm_, data_parallel, fully_shard_moe
 from .mesh import ParallelLayout, init_parallel, moe_layers, named_moe_layers
 
 __all__ = ["ParallelLayout", "init_parallel", "moe_layers", "named_moe_layers", "data_parallel",
            "fully_shard_moe", "clip_grad_norm_", "save_checkpoint", "load_checkpoint",
-           "full_state_dict", "gather_experts"]
+           "full_state_dict", "gather_experts", "read_manifest", "verify_checkpoint", "ExpertMap",
+           "canonical_name"]

@@ -26,8 +26,9 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
-from ..ops.experts import is_expert_parameter
-from .mesh import ParallelLayout, check_layers, local_part, unwrap
+from ..ops.experts import mark_expert_parameters
+from .identity import ExpertMap
+from .mesh import ParallelLayout, check_layers, local_part
 
 
 def data_parallel(model: nn.Module, layout: ParallelLayout,
@@ -38,13 +39,27 @@ def data_parallel(model: nn.Module, layout: ParallelLayout,
     with the scale rule above. Experts start equal across their EDP group (broadcast from its
     first rank, as DDP broadcasts rank 0's dense parameters)."""
     check_layers(model, layout)
-    names = [n for n, p in model.named_parameters() if is_expert_parameter(p)]
+    experts = ExpertMap(model)
+    names = [n for n, p in model.named_parameters() if p in experts]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
     ddp = DistributedDataParallel(model, process_group=layout.dp_group, **ddp_options)
-    experts = [p for p in model.parameters() if is_expert_parameter(p)]
-    broadcast_experts(experts, layout)
-    ddp.expert_sync = ExpertGradSync(ddp, experts, layout)
+    fix_buckets(ddp)
+    broadcast_experts(experts.parameters(), layout)
+    ddp.expert_sync = ExpertGradSync(ddp, experts.parameters(), layout)
     return ddp
+
+
+def fix_buckets(ddp: DistributedDataParallel) -> None:
+    """Give DDP its final gradient buckets now. DDP otherwise rebuilds them after its first
+    backward, in the order the gradients became ready; an element's place in its bucket decides
+    the order in which the ranks' values are summed, so a process's first step would round
+    differently from the same step in a longer-running process, and a resumed run would not
+    be bit-identical to the uninterrupted one. Buckets in parameter order, rebuilt once here,
+    are the same in every process from its first step (a collective: DDP syncs the layout)."""
+    if ddp.require_backward_grad_sync and not ddp.static_graph and \
+            not ddp.find_unused_parameters:  # the cases in which DDP would rebuild them
+        ddp.reducer._push_all_rebuilt_params()
+        ddp.reducer._rebuild_buckets()
 
 
 @torch.no_grad()
@@ -125,7 +140,10 @@ def fully_shard_moe(model: nn.Module, layout: ParallelLayout, **fsdp_options) ->
         layer.experts.set_gradient_divide_factor(float(layout.world_size))
         if dist.get_backend(layout.edp_group) == "gloo":  # no PREMUL_SUM: sum, then divide
             layer.experts.set_force_sum_reduction_for_comms(True)
-    return fully_shard(model, mesh=layout.world_mesh, **fsdp_options)
+    model = fully_shard(model, mesh=layout.world_mesh, **fsdp_options)
+    for layer in layers:  # fully_shard replaced the Parameters, and their attributes with them
+        mark_expert_parameters(layer.experts)
+    return model
 
 
 @torch.no_grad()
@@ -135,10 +153,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
     parameter element once: a replicated gradient (dense under DDP, an expert across its EDP
     group) only on the first rank that holds it, a sharded one (FSDP2) on each shard's rank.
     Returns the total norm (the same on every rank), like torch.nn.utils.clip_grad_norm_."""
-    module = unwrap(model)
-    params = [p for p in module.parameters() if p.grad is not None]
+    experts = ExpertMap(model)
+    params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
-    owned = [local_part(p.grad) for p in params if _first_holder(p, p.grad, layout)]
+    owned = [local_part(p.grad) for p in params if _first_holder(p in experts, p.grad, layout)]
     device = grads[0].device if grads else torch.device("cpu")
     if norm_type == math.inf:
         total = torch.stack([g.abs().max().float() for g in owned if g.numel()] or
@@ -155,12 +173,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
     return total
 
 
-def _first_holder(p: torch.Tensor, g: torch.Tensor, layout: ParallelLayout) -> bool:
-    """Whether this rank counts `g` in the global norm (see clip_grad_norm_)."""
+def _first_holder(expert: bool, g: torch.Tensor, layout: ParallelLayout) -> bool:
+    """Whether this rank counts `g` (an expert's gradient or not) in the global norm (see
+    clip_grad_norm_)."""
     if isinstance(g, DTensor):  # sharded: count each shard; replicated dims: the first rank
         coords = g.device_mesh.get_coordinate()
         return all(c == 0 for c, place in zip(coords, g.placements)
                    if isinstance(place, Replicate))
-    if is_expert_parameter(p):
+    if expert:
         return layout.edp_rank == 0
     return dist.get_rank() == 0

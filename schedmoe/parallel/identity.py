@@ -1,14 +1,28 @@
-"""Global expert identity in plain state dicts.
+"""Which tensors of a model are experts, and which experts: the one identity map of expert state.
 
-An EP rank's `MoELayer.state_dict()` holds only its own experts, under the same keys on every
-rank. So that such a file can never load silently into the wrong experts, each layer adds
-`<prefix>expert_range` = [first expert, experts held, num_experts] to its state dict, and on
-load checks it: a state dict that holds this rank's experts (its own, or every expert, as
-`full_state_dict` gathers them) loads, the right rows sliced out; any other raises
+Legend: E experts (global), E/EP per EP rank.
+
+Every user of that knowledge goes through `ExpertMap(model)`: DCP checkpoints, `full_state_dict`,
+`hf.to_hf_state_dict`, gradient clipping, the DDP / FSDP2 / GradSync recipes and
+`schedmoe.expert_parameters`. It is keyed by the tensor objects themselves (each MoELayer's
+`experts` parameters and buffers, as they are when it is asked: FSDP2 replaces them), never by
+module-name strings, and names them by their canonical FQN: the name with the segments of
+wrapper modules left out (DDP's `module`, torch.compile's `_orig_mod`, activation checkpointing's
+`_checkpoint_wrapped_module`, FSDP1's `_fsdp_wrapped_module`), which is the name that
+`torch.distributed.checkpoint.state_dict` and a wrapped model's `state_dict()` use.
+
+Plain state dicts: an EP rank's `MoELayer.state_dict()` holds only its own experts, under the
+same keys on every rank. So that such a file can never load silently into the wrong experts,
+each layer adds `<prefix>expert_range` = [first expert, experts held, num_experts] to its state
+dict, and on load checks it: a state dict that holds this rank's experts (its own, or every
+expert, as `full_state_dict` gathers them) loads, the right rows sliced out; any other raises
 CheckpointError. A state dict without the entry (transformers, older files) loads as it is.
 """
 
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,6 +30,123 @@ from torch import nn
 from ..errors import CheckpointError
 
 KEY = "expert_range"
+
+# Wrapper modules that add a name segment their state dicts leave out: (module that defines the
+# class, class name, attribute holding the wrapped module). Looked up only once the defining
+# module is imported (no instance can exist before), so nothing heavy is imported here.
+_WRAPPERS = (
+    ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
+    ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),
+    ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper",
+     "_checkpoint_wrapped_module"),
+    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel",
+     "_fsdp_wrapped_module"),
+)
+
+
+def wrapped_attribute(module: object) -> str | None:
+    """The attribute holding the wrapped module if `module` is a wrapper, else None."""
+    for where, name, attribute in _WRAPPERS:
+        cls = getattr(sys.modules.get(where), name, None)
+        if cls is not None and isinstance(module, cls):
+            return attribute
+    return None
+
+
+def innermost(model: nn.Module) -> nn.Module:
+    """The module inside every outer wrapper (DDP(torch.compile(model)) -> model)."""
+    while (attribute := wrapped_attribute(model)) is not None:
+        model = getattr(model, attribute)
+    return model
+
+
+def canonical_name(model: nn.Module, name: str) -> str:
+    """`name` (of a parameter, buffer, module or state-dict entry of `model`) without the
+    segments of wrapper modules: the canonical FQN."""
+    kept, obj = [], model
+    for part in name.split(".") if name else []:
+        attribute = wrapped_attribute(obj)
+        while attribute is not None and part != attribute:  # a key the wrapper shortened
+            obj = getattr(obj, attribute)
+            attribute = wrapped_attribute(obj)
+        if attribute is not None:  # the wrapper's own segment: left out
+            obj = getattr(obj, attribute)
+            continue
+        kept.append(part)
+        obj = getattr(obj, part, None) if isinstance(obj, nn.Module) else None
+    return ".".join(kept)
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One expert tensor (a parameter or buffer of a layer's `experts`): rows [offset, offset +
+    local) of num_experts, the first dim."""
+
+    fqn: str  # canonical
+    tensor: torch.Tensor  # the object itself (a DTensor parameter under FSDP2)
+    layer: nn.Module  # its MoELayer
+
+    @property
+    def num_experts(self) -> int:
+        return self.layer.config.num_experts
+
+    @property
+    def local_experts(self) -> int:
+        return self.layer.num_local_experts
+
+    @property
+    def offset(self) -> int:
+        return self.layer.expert_offset
+
+
+class ExpertMap:
+    """The expert tensors of `model` (wrapped or not), by object and by canonical FQN; and the
+    MoELayers with their canonical names. Build it when you need it: it reflects the model's
+    tensors at that moment."""
+
+    def __init__(self, model: nn.Module) -> None:
+        from ..layer import MoELayer  # the layer module imports this one
+
+        names: dict[int, str] = {}
+        for name, t in [*model.named_parameters(remove_duplicate=False),
+                        *model.named_buffers(remove_duplicate=False)]:
+            names.setdefault(id(t), canonical_name(model, name))
+        self.layers: dict[str, nn.Module] = {}
+        self.by_id: dict[int, ExpertTensor] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, MoELayer):
+                self.layers.setdefault(canonical_name(model, name), module)
+        for layer in self.layers.values():
+            for t in [*layer.experts.parameters(), *layer.experts.buffers()]:
+                if id(t) not in names:
+                    raise CheckpointError(
+                        f"an expert tensor of shape {tuple(t.shape)} is not reachable from the "
+                        "model's named parameters or buffers; pass the model that holds the "
+                        "MoELayers")
+                self.by_id[id(t)] = ExpertTensor(names[id(t)], t, layer)
+        self.by_fqn = {e.fqn: e for e in self.by_id.values()}
+
+    def __contains__(self, tensor: object) -> bool:
+        return id(tensor) in self.by_id
+
+    def get(self, tensor: object) -> ExpertTensor | None:
+        return self.by_id.get(id(tensor))
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The expert parameters, in model order."""
+        return [e.tensor for e in self.by_id.values() if isinstance(e.tensor, nn.Parameter)]
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters owned by one EP rank (keep them out of data-parallel all-reduce); found by
+    identity, so wrappers and FSDP2's replaced parameters are found too."""
+    return ExpertMap(model).parameters()
+
+
+def non_expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters replicated across ranks (gates, shared experts and the rest of the model)."""
+    experts = ExpertMap(model)
+    return [p for p in model.parameters() if p not in experts]
 
 
 def save_expert_range(layer: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import EPGroup
 from ..errors import ConfigError
@@ -130,11 +129,6 @@ def check_layers(model: nn.Module, layout: ParallelLayout) -> list[tuple[str, nn
             raise ConfigError(f"an MoELayer's EP group is ranks {ranks}, the layout's is {want}:"
                               " build the layers with group=layout.ep_group")
     return layers
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP wrapper (FSDP2 modules are the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:

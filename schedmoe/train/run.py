@@ -4,14 +4,19 @@ The model (`model.py`) has its MoE layers over the layout's EP group, dropless, 
 global-batch balance loss over the whole world; the global batch of a step depends on the step
 alone (`data.py`) and each rank takes an equal share. So the run is the same training (up to
 rounding) at any `--ranks` and `--ep-size`, and a run resumed from a checkpoint at another
-layout continues the same curve. Checkpoints (`schedmoe.parallel` DCP, with the optimizer and
-the loss history) go to DIR/step-NNNNNN every `checkpoint_every` steps and at the end; a
-checkpoint is complete once DCP has written its `.metadata`.
+layout continues the same curve. Checkpoints (`schedmoe.parallel` DCP, with the optimizer, the
+RNG states and the loss history) go to DIR/step-NNNNNN every `checkpoint_every` steps and at the
+end; each appears under that name only once complete (written aside, then renamed). `--resume`
+takes the newest one that verifies (a damaged one is reported and the one before it tried),
+after checking the run's settings against it and before reading any tensor; at the same layout
+the resumed run is bit-identical to the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from .. import parallel
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..launch import run_ranks_here
 from .data import CharCorpus, shard
 from .model import MoELM, lm_loss
@@ -62,10 +67,37 @@ def train(cfg: TrainConfig, ranks: int | None = None, checkpoint_dir: str | None
     return per_rank[0]
 
 
+def checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints in `directory` (those with a manifest), newest first."""
+    found = [p for p in Path(directory).glob("step-*")
+             if re.fullmatch(r"step-\d+", p.name) and (p / parallel.checkpoint.MANIFEST).exists()]
+    return sorted(found, reverse=True)
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """The complete checkpoint of the highest step in `directory`, if any."""
-    done = sorted(p for p in Path(directory).glob("step-*") if (p / ".metadata").exists())
-    return done[-1] if done else None
+    done = checkpoints(directory)
+    return done[0] if done else None
+
+
+def resume_from(directory: str | os.PathLike, wrapped, opt, layout,
+                cfg: TrainConfig) -> tuple[Path, dict] | None:
+    """Load the newest checkpoint of `directory` that verifies (a collective); its path and
+    `extra`, or None if there is none. The settings are checked before any tensor is read;
+    damaged checkpoints are reported on stderr and skipped, and if every one is damaged,
+    CheckpointError says why."""
+    problems = []
+    for path in checkpoints(directory):
+        _check_resumable(parallel.read_manifest(path)["extra"]["config"], cfg)
+        try:
+            return path, parallel.load_checkpoint(path, wrapped, opt, layout)
+        except CheckpointError as exc:  # the same on every rank: try the one before
+            problems.append(f"{path.name}: {exc}")
+            if dist.get_rank() == 0:
+                print(f"schedmoe train: skipping {path}: {exc}", file=sys.stderr)
+    if problems:
+        raise CheckpointError("no checkpoint to resume from verifies: " + "; ".join(problems))
+    return None
 
 
 def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | None,
@@ -91,11 +123,10 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
     history: list[dict] = []
     start, resumed_from = 0, None
     if resume:
-        found = latest_checkpoint(checkpoint_dir)
+        found = resume_from(checkpoint_dir, wrapped, opt, layout, cfg)
         if found is not None:
-            extra = parallel.load_checkpoint(found, wrapped, opt, layout)
-            _check_resumable(extra["config"], cfg)
-            start, history, resumed_from = extra["step"], extra["history"], str(found)
+            path, extra = found
+            start, history, resumed_from = extra["step"], extra["history"], str(path)
     bar = _progress_bar(cfg.steps, start) if progress and rank == 0 else None
     for step in range(start, cfg.steps):
         began = time.perf_counter()
