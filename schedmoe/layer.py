@@ -290,6 +290,23 @@ class MoELayer(nn.Module):
         micro-batch's last call."""
         return self._last.get(turns.index(), (None, None))[1]
 
+    def runtime_state(self) -> dict:
+        """What this rank's layer carries from call to call beyond its state dict: the
+        scheduler's tuning, error-feedback residuals, the router's choice counts since its last
+        balancing update. Checkpoints keep it per rank and restore it at the same layout."""
+        counts = {name: buffer.clone() for name, buffer in self.gate.named_buffers(recurse=False)
+                  if name in self.gate._non_persistent_buffers_set}
+        return {"scheduler": self.scheduler.runtime_state(),
+                "codecs": self.codecs.runtime_state(), "gate": counts}
+
+    def load_runtime_state(self, state: dict) -> None:
+        """Continue from `runtime_state()` of a layer built alike on the same rank."""
+        self.scheduler.load_runtime_state(state.get("scheduler", {}))
+        self.codecs.load_runtime_state(state.get("codecs", {}))
+        with torch.no_grad():
+            for name, value in state.get("gate", {}).items():
+                getattr(self.gate, name).copy_(value)
+
     def _can_guess(self) -> bool:
         """Whether this call's record may ride on its first dispatch (agreement.py): fixed
         capacity in padded rows, no error feedback, a scheduler that carries it, more than one

@@ -129,11 +129,27 @@ class CodecSet:
         """Drop every error-feedback residual when the token layout differs from the last."""
         if layout != self._layout:
             for codec in self._streams.values():
-                codec = getattr(codec, "inner", None) if isinstance(codec, Checksummed) else codec
-                if isinstance(codec, ErrorFeedback):
-                    codec.reset()
+                if isinstance(_unwrapped(codec), ErrorFeedback):
+                    _unwrapped(codec).reset()
         self._layout = layout
+
+    def runtime_state(self) -> dict:
+        """The error-feedback residuals by stream, and the layout they belong to."""
+        residuals = {key: _unwrapped(c).residual.clone() for key, c in self._streams.items()
+                     if isinstance(_unwrapped(c), ErrorFeedback)
+                     and _unwrapped(c).residual is not None}
+        return {"layout": self._layout, "residuals": residuals} if residuals else {}
+
+    def load_runtime_state(self, state: dict) -> None:
+        self._layout = state.get("layout")
+        for (exchange, chunk), residual in state.get("residuals", {}).items():
+            _unwrapped(self.stream(exchange, chunk)).residual = residual
 
     def describe(self) -> str:
         names = ",".join(f"{name}={getattr(self, name).describe()}" for name in EXCHANGES)
         return names + (",verify" if self.verify else "")
+
+
+def _unwrapped(codec: Compressor) -> Compressor:
+    """The codec inside a checksum wrapper."""
+    return codec.inner if isinstance(codec, Checksummed) else codec

@@ -35,6 +35,7 @@ How it is kept safe:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -69,8 +70,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     state, _, _ = _state(model, optimizer, layout)
-    for name, value in _rng_states().items():
-        state[f"{name}.{dist.get_rank()}"] = value
+    state.update(_rank_state(model))
     try:
         extra_json = json.loads(json.dumps(extra or {}))
     except (TypeError, ValueError) as exc:
@@ -87,7 +87,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     _agree(next((g["problem"] for g in gathered if "problem" in g), None))
     problem = None
     if first:
-        body = {"format": FORMAT, "world_size": dist.get_world_size(), "extra": extra_json,
+        body = {"format": FORMAT, "world_size": dist.get_world_size(),
+                "ep_size": layout.ep_size, "extra": extra_json,
                 "files": {k: v for g in gathered for k, v in g.items()}}
         problem = _attempt(lambda: (_write_manifest(partial, body), _publish(partial, path)))
     _agree(problem)
@@ -98,8 +99,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                     strict: bool = True) -> dict:
     """Load what `save_checkpoint` saved, at this model's (possibly different) EP size and
     world size; returns `extra`. A collective: every rank calls it. The checkpoint is verified
-    first; `strict=False` skips tensors that only one side has. RNG states are restored when
-    the world size is the one saved."""
+    first; `strict=False` skips tensors that only one side has. At the layout saved (world and
+    EP size) each rank's RNG states and its layers' runtime state are restored too."""
     path = Path(path)
     manifest = verify_checkpoint(path)
     state, targets, experts = _state(model, optimizer, layout)
@@ -109,10 +110,11 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
         state = {k: v for k, v in state.items() if not k.startswith("optim.")}
     _agree(_account(path, state, experts, saved, strict))
     state = {k: v for k, v in state.items() if k in saved or not isinstance(v, torch.Tensor)}
-    rng = {}
-    if manifest["world_size"] == dist.get_world_size():
-        rng = {f"{name}.{dist.get_rank()}": value for name, value in _rng_states().items()}
-        state.update({k: v.clone() for k, v in rng.items() if k in saved})
+    same_layout = (manifest["world_size"], manifest["ep_size"]) == (dist.get_world_size(),
+                                                                    layout.ep_size)
+    mine = {k: torch.empty(saved[k].size, dtype=torch.uint8) for k in _rank_keys()
+            if same_layout and k in saved}
+    state.update(mine)
     fresh = {k: torch.empty_like(v) if isinstance(v, torch.Tensor) else v
              for k, v in state.items()}
     _run_dcp(dcp.load, fresh, path, "read")
@@ -127,7 +129,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                 fqn, name = key[len("optim.state."):].rsplit(".", 1)
                 optim_state["state"].setdefault(fqn, {})[name] = targets.get(key, value)
         set_optimizer_state_dict(model, optimizer, optim_state)
-    _set_rng_states({name.rsplit(".", 1)[0]: fresh[name] for name in rng if name in fresh})
+    _restore_rank_state(model, {k.rsplit(".", 1)[0]: fresh[k] for k in mine})
     return manifest["extra"]
 
 
@@ -147,7 +149,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
         body, digest = record["body"], record["sha256"]
         if _digest(body) != digest or body["format"] != FORMAT:
             raise ValueError("its checksum does not match its contents")
-        if {"world_size", "extra", "files"} - body.keys():
+        if {"world_size", "ep_size", "extra", "files"} - body.keys():
             raise ValueError("entries are missing")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{file} is damaged ({exc}); the checkpoint cannot be "
@@ -394,7 +396,7 @@ def _agree(problem: str | None) -> None:
     for rank, found in enumerate(problems):
         if found is not None:
             raise CheckpointError(found if dist.get_world_size() == 1 else
-                                  f"rank {rank}: {found}")
+                                  f"{found} (found by rank {rank})")
 
 
 def _run_dcp(fn, state: dict, path: Path, what: str) -> None:
@@ -413,27 +415,50 @@ def _run_dcp(fn, state: dict, path: Path, what: str) -> None:
 
 
 def _first_failure(exc: CheckpointException) -> str:
-    failures = getattr(exc, "failures", {}) or {}
-    for rank, failure in sorted(failures.items()):
-        return f"rank {rank}: {type(failure).__name__}: {failure}".splitlines()[0]
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """The first failing rank's error, from what DCP gathered: {rank: (exception, stack)}."""
+    for rank, failure in sorted((getattr(exc, "failures", None) or {}).items()):
+        if isinstance(failure, tuple):
+            failure = failure[0]
+        return f"rank {rank}: {type(failure).__name__}: {failure}"
+    return str(exc) or type(exc).__name__
 
 
-# -- RNG states -------------------------------------------------------------------------------
+# -- what belongs to one rank: RNG states, the layers' runtime state -------------------------
 
-def _rng_states() -> dict[str, torch.Tensor]:
-    """This process's RNG states by name (CPU, and the current CUDA device's if in use)."""
-    states = {"rng": torch.get_rng_state()}
+def _rank_keys() -> list[str]:
+    rank = dist.get_rank()
+    return [f"rng.{rank}", f"rng_cuda.{rank}", f"runtime.{rank}"]
+
+
+def _rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's RNG states (CPU, and the current CUDA device's if in use) and its layers'
+    `runtime_state()` by canonical name (pickled into bytes: DCP keeps per-rank keys apart)."""
+    rng, rng_cuda, runtime = _rank_keys()
+    out = {rng: torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["rng_cuda"] = torch.cuda.get_rng_state()
-    return states
+        out[rng_cuda] = torch.cuda.get_rng_state()
+    buffer = io.BytesIO()
+    torch.save({name: layer.runtime_state() for name, layer in ExpertMap(model).layers.items()},
+               buffer)
+    out[runtime] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+    return out
 
 
-def _set_rng_states(states: dict[str, torch.Tensor]) -> None:
-    if "rng" in states:
-        torch.set_rng_state(states["rng"])
-    if "rng_cuda" in states:
-        torch.cuda.set_rng_state(states["rng_cuda"])
+def _restore_rank_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    if "rng" in saved:
+        torch.set_rng_state(saved["rng"])
+    if "rng_cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["rng_cuda"])
+    if "runtime" in saved:
+        layers = ExpertMap(model).layers
+        device = next(iter(model.parameters())).device
+        # weights_only=False: the scheduler's decisions are dataclasses; the bytes were
+        # verified against the manifest's checksum before this
+        runtime = torch.load(io.BytesIO(saved["runtime"].numpy().tobytes()),
+                             map_location=device, weights_only=False)
+        for name, state in runtime.items():
+            if name in layers:
+                layers[name].load_runtime_state(state)
 
 
 # -- plain state dicts ------------------------------------------------------------------------

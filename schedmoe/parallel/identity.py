@@ -7,9 +7,9 @@ Every user of that knowledge goes through `ExpertMap(model)`: DCP checkpoints, `
 `schedmoe.expert_parameters`. It is keyed by the tensor objects themselves (each MoELayer's
 `experts` parameters and buffers, as they are when it is asked: FSDP2 replaces them), never by
 module-name strings, and names them by their canonical FQN: the name with the segments of
-wrapper modules left out (DDP's `module`, torch.compile's `_orig_mod`, activation checkpointing's
-`_checkpoint_wrapped_module`, FSDP1's `_fsdp_wrapped_module`), which is the name that
-`torch.distributed.checkpoint.state_dict` and a wrapped model's `state_dict()` use.
+wrapper modules left out (DDP's and DataParallel's `module`, torch.compile's `_orig_mod`,
+activation checkpointing's `_checkpoint_wrapped_module`, FSDP1's `_fsdp_wrapped_module`), which
+is the name that `torch.distributed.checkpoint.state_dict` and the bare model use.
 
 Plain state dicts: an EP rank's `MoELayer.state_dict()` holds only its own experts, under the
 same keys on every rank. So that such a file can never load silently into the wrong experts,
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 KEY = "expert_range"
 
@@ -36,6 +36,7 @@ KEY = "expert_range"
 # module is imported (no instance can exist before), so nothing heavy is imported here.
 _WRAPPERS = (
     ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
+    ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
     ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper",
      "_checkpoint_wrapped_module"),
@@ -44,20 +45,23 @@ _WRAPPERS = (
 )
 
 
+def _imported(where: str, name: str) -> type | None:
+    """The class `where.name` if its module is imported (else no instance of it can exist)."""
+    return getattr(sys.modules.get(where), name, None)
+
+
 def wrapped_attribute(module: object) -> str | None:
     """The attribute holding the wrapped module if `module` is a wrapper, else None."""
     for where, name, attribute in _WRAPPERS:
-        cls = getattr(sys.modules.get(where), name, None)
+        cls = _imported(where, name)
         if cls is not None and isinstance(module, cls):
             return attribute
     return None
 
 
-def innermost(model: nn.Module) -> nn.Module:
-    """The module inside every outer wrapper (DDP(torch.compile(model)) -> model)."""
-    while (attribute := wrapped_attribute(model)) is not None:
-        model = getattr(model, attribute)
-    return model
+def _is_fsdp1(module: object) -> bool:
+    cls = _imported(*_WRAPPERS[-1][:2])
+    return cls is not None and isinstance(module, cls)
 
 
 def canonical_name(model: nn.Module, name: str) -> str:
@@ -116,6 +120,12 @@ class ExpertMap:
         for name, module in model.named_modules():
             if isinstance(module, MoELayer):
                 self.layers.setdefault(canonical_name(model, name), module)
+            elif _is_fsdp1(module) and any(isinstance(m, MoELayer) for m in module.modules()):
+                raise ConfigError(
+                    "FSDP1 (FullyShardedDataParallel) flattens expert parameters together with "
+                    "dense ones and averages them over its whole group, which mixes different "
+                    "ranks' experts; use schedmoe.parallel.fully_shard_moe (FSDP2) or "
+                    "data_parallel (DDP)")
         for layer in self.layers.values():
             for t in [*layer.experts.parameters(), *layer.experts.buffers()]:
                 if id(t) not in names:

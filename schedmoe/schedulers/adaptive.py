@@ -124,6 +124,21 @@ class AdaptiveScheduler(Scheduler):
         self._clock_step = -1  # the clock's step of this scheduler's latest decision
         self._ran: Decision | None = None  # what ran since the clock's last tick
 
+    # What a checkpoint keeps (pickled together, so a trial listed in several places stays one
+    # object); the rest is rebuilt (sub-groups, codecs, the clock) or restarts (step timing).
+    RUNTIME = ("decisions", "_trials", "_tried", "_reason", "_plan", "_samples", "_outside_ms",
+               "_bucket", "_running", "_winners", "_step", "_drifting", "_attempt",
+               "_last_decision")
+
+    def runtime_state(self) -> dict:
+        return {name: getattr(self, name) for name in self.RUNTIME if hasattr(self, name)}
+
+    def load_runtime_state(self, state: dict) -> None:
+        for name, value in state.items():
+            if name in self.RUNTIME:
+                setattr(self, name, value)
+        self._last_call, self._pending, self._abandoned = None, [], False
+
     @property
     def tuning(self) -> bool:
         """Whether this scheduler has no tuned decision in force (profiling, trials, or not
@@ -231,8 +246,9 @@ class AdaptiveScheduler(Scheduler):
         if algorithm not in self._a2a:
             self._a2a[algorithm] = registry("a2a").get(algorithm)(ctx.a2a.group,
                                                                   ctx.a2a.local_size)
-        if codec not in self._codecs:
-            self._codecs[codec] = CodecSet.build(codec, verify=ctx.codecs.verify)
+        if codec not in self._codecs:  # the layer's own (named by its description), or built
+            self._codecs[codec] = ctx.codecs if codec == ctx.codecs.describe() else \
+                CodecSet.build(codec, verify=ctx.codecs.verify)
         return dataclasses.replace(ctx, a2a=self._a2a[algorithm], codecs=self._codecs[codec])
 
     @staticmethod

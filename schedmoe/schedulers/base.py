@@ -158,6 +158,14 @@ class Scheduler(ABC):
         """Name and settings; must be equal on every rank of the EP group."""
         return type(self).__name__
 
+    def runtime_state(self) -> dict:
+        """What this rank's scheduler learnt and decided while running (picklable), for exact
+        resumes (checkpoints store it per rank); nothing for a fixed schedule."""
+        return {}
+
+    def load_runtime_state(self, state: dict) -> None:
+        """Continue from `runtime_state()` of a scheduler built with the same options."""
+
     @abstractmethod
     def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Return the combined expert outputs `y_WECM` for the encoded tokens `x_WECM`."""
