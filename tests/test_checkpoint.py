@@ -50,9 +50,9 @@ def wrap(how: str, model: nn.Module, layout) -> tuple[nn.Module, GradSync | None
     """(what the user trains and checkpoints, its GradSync if it has no DDP/FSDP wrapper)."""
     if how.startswith("ac"):
         impl = CheckpointImpl.REENTRANT if how == "ac_reentrant" else CheckpointImpl.NO_REENTRANT
-        apply_activation_checkpointing(
-            model, checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=impl),
-            check_fn=lambda m: isinstance(m, Block))
+        wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=impl)
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrapper,
+                                       check_fn=lambda m: isinstance(m, Block))
     if how == "nested":
         model = Nested(model)
     if how == "fsdp":
