@@ -8,8 +8,8 @@ on the same sharded state (what the earlier checkpoints did).
 hidden 1024) after one AdamW step: 76 MB of parameters, a 216 MB checkpoint with the optimizer
 state. The four variants run interleaved, in a seeded random order per round; a time is the
 slowest rank's; medians and their ratios. The files stay in the page cache: this is the cost
-of the work added (hashing, fresh buffers, the rename), not of a disk. Writes experiments/results/checkpoint_costs.json and
-.png.
+of the work added (hashing, fresh buffers, the rename), not of a disk. Writes
+experiments/results/checkpoint_costs.json and .png.
 """
 
 from __future__ import annotations

@@ -428,3 +428,24 @@ def test_runtime_state_carries_error_feedback_and_balancing_counts():
         want = first(x)
         assert torch.equal(resumed(x), want)
         assert not torch.equal(restarted(x), want)  # without it the residuals are lost
+
+
+def test_to_hf_state_dict_is_the_same_through_wrappers():
+    """A converted transformers model with its decoder layers activation-checkpoint wrapped and
+    the whole compiled gives the state dict of the bare converted model, which is the original's."""
+    pytest.importorskip("transformers")
+    import schedmoe.hf as hf
+    from hf_models import tiny_model
+
+    original = tiny_model("qwen2_moe")
+    bare = hf.convert(tiny_model("qwen2_moe"))
+    wrapped = hf.convert(tiny_model("qwen2_moe"))
+    apply_activation_checkpointing(wrapped, check_fn=lambda m: type(m).__name__.endswith(
+        "DecoderLayer"))
+    wrapped = torch.compile(wrapped, backend="eager")
+    assert any("_checkpoint_wrapped_module" in n for n, _ in wrapped.named_parameters())
+    want = hf.to_hf_state_dict(bare)
+    got = hf.to_hf_state_dict(wrapped)
+    assert got.keys() == want.keys() == original.state_dict().keys()
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert len(schedmoe.expert_parameters(wrapped)) == len(schedmoe.expert_parameters(bare)) > 0

@@ -84,7 +84,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
         items = {"problem": f"could not read back {partial}: {exc}"}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, items)
-    _agree(next((g["problem"] for g in gathered if "problem" in g), None))
+    problems = [g["problem"] for g in gathered if "problem" in g]  # the same on every rank
+    if problems:
+        raise CheckpointError(problems[0])
     problem = None
     if first:
         body = {"format": FORMAT, "world_size": dist.get_world_size(),
@@ -168,6 +170,8 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         problem = _check_share(path, manifest["files"])
     except CheckpointError as exc:
         problem = str(exc)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # unreadable, or a bad record
+        problem = f"{path} could not be checked: {type(exc).__name__}: {exc}"
     _agree(problem)
     return manifest
 
