@@ -17,9 +17,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .layer import MoELayer
+from .errors import ConfigError
+from .layer import MoEConfig, MoELayer
+from .ops.codec_set import CodecSet
 from .recorder import TraceEvent
+from .registry import registry
 from .schedulers.pipeline import PipelineScheduler
+from .validation import number, one_of
 
 
 @dataclass
@@ -42,6 +46,29 @@ class BenchConfig:
     warmup: int = 2
     seed: int = 0
     layer_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, world: int) -> None:
+        """Every field, and the layer it describes on `world` ranks (ConfigError or
+        RegistryError naming the problem), before any rank is started."""
+        where = "BenchConfig"
+        for name in ("tokens", "model_dim", "hidden_dim", "num_experts", "top_k", "degree",
+                     "steps"):
+            number(where, name, getattr(self, name), integer=True, low=1, high=1 << 24)
+        number(where, "warmup", self.warmup, integer=True, high=1 << 24)
+        number(where, "seed", self.seed, integer=True, high=2 ** 63 - 1)
+        one_of(where, "dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        if self.tokens * max(self.model_dim, self.hidden_dim) * 4 > MAX_BYTES_PER_RANK:
+            raise ConfigError(f"{where}: tokens x max(model_dim, hidden_dim) x 4 bytes exceeds "
+                              f"{MAX_BYTES_PER_RANK >> 30} GiB per rank")
+        for kind in ("expert", "a2a", "scheduler"):
+            registry(kind).get(getattr(self, kind))
+        CodecSet.build(self.compressor)
+        MoEConfig(self.model_dim, self.num_experts, self.hidden_dim, self.top_k,
+                  self.capacity_factor, expert=self.expert, a2a=self.a2a,
+                  compressor=self.compressor, **self.layer_options).validate(world)
+
+
+MAX_BYTES_PER_RANK = 8 << 30  # the largest activation one bench rank may be asked to hold
 
 
 def run_rank(rank: int, world: int, cfg: BenchConfig, progress: bool = True) -> dict:
@@ -165,8 +192,9 @@ def format_table(summary: dict) -> str:
 
 def run(cfg: BenchConfig, ranks: int | None = None, timeout: float = 600.0) -> dict:
     """Run under torchrun if launched by it, else spawn local ranks; returns the summary."""
-    from .launch import run_ranks_here
+    from .launch import planned_world, run_ranks_here
 
+    cfg.validate(planned_world(ranks))
     per_rank = run_ranks_here(run_rank, (cfg,), ranks, timeout=timeout,
                               collective_timeout=120.0 if "RANK" not in os.environ else timeout)
     return summarize(cfg, per_rank, "nccl" if torch.cuda.is_available() else "gloo")

@@ -13,6 +13,9 @@ import tempfile
 from dataclasses import fields
 
 from .bench import BenchConfig, format_table, run, save_json, save_trace
+from .errors import ConfigError, RegistryError
+from .launch import MAX_LOCAL_RANKS, planned_world
+from .validation import number, one_of
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -129,6 +132,7 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> None:
     from .train.run import TrainConfig, save_curve, train
 
+    number("train", "--timeout", args.timeout, above=0)
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     record = train(cfg, ranks=args.ranks, checkpoint_dir=args.checkpoint_dir,
                    resume=args.resume, progress=not args.no_progress, timeout=args.timeout)
@@ -151,10 +155,20 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _degrees(text: str) -> list[int]:
-    if "-" in text:
-        lo, hi = map(int, text.split("-"))
-        return list(range(lo, hi + 1))
-    return [int(x) for x in text.split(",")]
+    """"1-16" or "1,2,4,8": every degree within [1, MAX_DEGREE]."""
+    from .sim.model import MAX_DEGREE
+
+    try:
+        if "-" in text:
+            lo, hi = map(int, text.split("-"))
+            degrees = list(range(lo, hi + 1))
+        else:
+            degrees = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--degrees takes LO-HI or a comma-separated list, got {text!r}")
+    if not degrees or not all(1 <= d <= MAX_DEGREE for d in degrees):
+        raise ConfigError(f"--degrees must name degrees in [1, {MAX_DEGREE}], got {text!r}")
+    return degrees
 
 
 def _simulate_cluster(args: argparse.Namespace):
@@ -184,13 +198,19 @@ def _simulate_cluster(args: argparse.Namespace):
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from .sim import Workload, predict, search
+    from .sim import ALGORITHMS, Workload, predict, search
     from .trace import save_chrome_trace, save_gantt
 
     cluster = _simulate_cluster(args)
     workload = Workload(**{f.name: getattr(args, f.name) for f in fields(Workload)})
-    ranked = search(workload, cluster, args.algorithms.split(","), args.codecs.split(","),
-                    _degrees(args.degrees))
+    workload.validate()
+    algorithms, codecs = args.algorithms.split(","), args.codecs.split(",")
+    for algorithm in algorithms:
+        one_of("--algorithms", "each", algorithm, ALGORITHMS)
+    for codec in codecs:
+        cluster.codec(codec)
+    number("--top", "the count", args.top, integer=True, low=1)
+    ranked = search(workload, cluster, algorithms, codecs, _degrees(args.degrees))
     sequential = predict(workload, cluster, "nccl", "none", 1)
     print(f"{cluster.name}: {cluster.nodes} nodes x {cluster.ranks_per_node} ranks, "
           f"{cluster.nics_per_node} x {cluster.nic_gbit} Gbit/s NICs per node, intra "
@@ -228,12 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     _simulate_parser(sub)
     _train_parser(sub)
     args = parser.parse_args(argv)
+    try:
+        return _command(args, argv)
+    except (ConfigError, RegistryError) as exc:  # a bad flag or file: say so, no traceback
+        parser.exit(2, f"schedmoe {args.command}: error: {exc}\n")
+
+
+def _command(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.command == "simulate":
-        from .errors import SchedMoEError
-        try:
-            _simulate(args)
-        except SchedMoEError as exc:  # a bad cluster file or measurement: say so, no traceback
-            parser.exit(2, f"schedmoe simulate: error: {exc}\n")
+        _simulate(args)
         return 0
     if args.command == "train":
         _train(args)
@@ -246,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg.layer_options["local_size"] = args.local_size
         if args.trace:
             cfg.layer_options["trace"] = True
+        number("bench", "--timeout", args.timeout, above=0)
+        number("bench", "--emulate-nodes", args.emulate_nodes, integer=True,
+               high=MAX_LOCAL_RANKS)
+        if args.local_size is not None:
+            number("bench", "--local-size", args.local_size, integer=True, low=1)
         if args.emulate_nodes:
+            cfg.validate(args.emulate_nodes * planned_world(args.ranks or 2))
             summary = _bench_emulated(args, argv if argv is not None else sys.argv[1:])
         else:
             summary = run(cfg, ranks=args.ranks, timeout=args.timeout)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .errors import RankError
+from .validation import number
 from .topology import release as release_groups
 
 
@@ -37,6 +38,8 @@ def run_ranks_here(fn: Callable[..., Any], args: Sequence[Any] = (), ranks: int 
     otherwise local ranks are spawned: one per GPU with NCCL, else `ranks` (default 4) gloo
     ranks sharing the CPU cores; once one fails, the others are stopped within
     `FAIL_FAST_GRACE` seconds (not at their collective timeout)."""
+    number("run_ranks_here", "timeout", timeout, above=0)
+    number("run_ranks_here", "collective_timeout", collective_timeout, above=0)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     backend = "nccl" if gpus else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -51,7 +54,7 @@ def run_ranks_here(fn: Callable[..., Any], args: Sequence[Any] = (), ranks: int 
             release_groups()
             dist.destroy_process_group()
         return gathered
-    world = ranks or (gpus if gpus else 4)
+    world = planned_world(ranks)
     threads = 1 if gpus else max(1, (os.cpu_count() or 1) // world)
     return spawn(fn, world, args, backend=backend, timeout=timeout,
                  collective_timeout=collective_timeout, threads_per_rank=threads,
@@ -59,6 +62,21 @@ def run_ranks_here(fn: Callable[..., Any], args: Sequence[Any] = (), ranks: int 
 
 
 FAIL_FAST_GRACE = 5.0  # seconds a command's ranks get to finish once one of them has failed
+
+
+def planned_world(ranks: int | None = None) -> int:
+    """The world size `run_ranks_here` runs: torchrun's, else `ranks` (a positive int), else
+    one rank per GPU, else 4."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if ranks is not None:
+        number("local ranks", "ranks", ranks, integer=True, low=1, high=MAX_LOCAL_RANKS)
+        return ranks
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if gpus else 4
+
+
+MAX_LOCAL_RANKS = 256
 
 
 class RemoteError(Exception):

@@ -143,3 +143,25 @@ def test_step_clock_tunes_layers_one_at_a_time_per_optimizer_step():
         holds = [step for step, layers in enumerate(reasons) if layers[layer][0][0] == "hold"]
         assert holds == list(range(8 * layer)), holds  # held until its turn, never after
     assert [mb[0][0] for mb in reasons[-1]] == ["tuned"] * 3
+
+
+@pytest.mark.parametrize("period", [1, 5])  # shorter than one bucket's trials (6 calls)
+def test_the_tuner_settles_when_capacity_alternates_between_buckets(period):
+    """Dropless-like capacities alternating between two buckets: each bucket runs its own
+    trials once (at most buckets x shortlist x trial_steps trial calls), then every call runs
+    a tuned decision."""
+    shortlist, trial_steps = 2, 3
+    adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), shortlist=shortlist,
+                                 trial_steps=trial_steps, check_every=1000)
+    layer = make(adaptive)
+    reasons = []
+    for call in range(120):
+        tokens = 60 if (call // period) % 2 == 0 else 500  # buckets 0 and 1
+        layer(torch.randn(tokens, M)).sum().backward()
+        reasons.append(layer.last_stats.schedule["reason"])
+    assert reasons[:2] == ["profile", "profile"]
+    assert reasons.count("trial") <= 2 * shortlist * trial_steps
+    last_trial = max(i for i, r in enumerate(reasons) if r == "trial")
+    assert last_trial < 2 + 2 * (shortlist * trial_steps + 1) * period
+    assert set(reasons[last_trial + 1:]) <= {"tuned", "bucket"}
+    assert set(adaptive._winners) == {0, 1}

@@ -102,8 +102,9 @@ class AdaptiveScheduler(Scheduler):
         self.shortlist, self.trial_steps = shortlist, trial_steps
         self.check_every, self.drift = check_every, drift
         self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS)
-        self._trials: list[Decision] = []  # shortlisted candidates still to run
-        self._tried: list[Decision] = []  # shortlisted candidates already run
+        # capacity bucket -> its trials still to run, those already run, the winner's reason;
+        # kept per bucket, so that alternating buckets each finish their own trials
+        self._trials: dict[int, _Trials] = {}
         self._last_call: float | None = None
         self._last_decision: Decision | None = None
         self._attempt: Decision | None = None  # the latest call's decision
@@ -126,7 +127,7 @@ class AdaptiveScheduler(Scheduler):
 
     # What a checkpoint keeps (pickled together, so a trial listed in several places stays one
     # object); the rest is rebuilt (sub-groups, codecs, the clock) or restarts (step timing).
-    RUNTIME = ("decisions", "_trials", "_tried", "_reason", "_plan", "_samples", "_outside_ms",
+    RUNTIME = ("decisions", "_trials", "_plan", "_samples", "_outside_ms",
                "_bucket", "_running", "_winners", "_step", "_drifting", "_attempt",
                "_last_decision")
 
@@ -314,44 +315,49 @@ class AdaptiveScheduler(Scheduler):
         return fwd.makespan, fwd.makespan + bwd.makespan
 
     def _choose(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
-        """The decision for this call: the one in force, a remembered winner, a trial, or the
-        winner of the trials just run."""
+        """The decision for this call: the one in force, a remembered winner, the next trial of
+        this capacity bucket, or the winner of its trials just run. Each bucket runs its own
+        trials once (at most shortlist x trial_steps calls), also when calls alternate between
+        buckets; after that it only ever gets its winner back."""
         bucket = self._bucket_for(ctx.layout.capacity)
         changed, self._bucket = bucket != self._bucket, bucket
-        fresh_models = self.decisions[-1].reason == "profile"
-        if self._running is not None and not changed and not fresh_models:
+        if self.decisions[-1].reason == "profile":  # fresh models: earlier trials are stale
+            self._trials.clear()
+        elif self._running is not None and not changed:
             running = self._running
             self._check(running, ctx)  # on drift, profiling starts again next call
             return running
-        if changed and not fresh_models and bucket in self._winners:
+        elif bucket in self._winners:
             winner = self._winners[bucket]
             remembered = dataclasses.replace(winner, step=self._step, reason="bucket",
                                              measured_ms=winner.measured_ms[:1])
-            self._trials = []
             self.decisions.append(remembered)
             self._running = self._winners[bucket] = remembered
             return remembered
-        if changed or fresh_models:
-            self._running = None
-            self._trials = [d for d in self._shortlist(self._rank_candidates(x_WECM, ctx))
-                            for _ in range(self.trial_steps)]
-            self._tried, self._reason = [], "tuned" if fresh_models else "bucket"
-        if self._trials:
-            trial = self._trials.pop(0)
-            if not self._tried or self._tried[-1] is not trial:
-                self._tried.append(trial)
+        self._running = None
+        if bucket not in self._trials:
+            shortlist = self._shortlist(self._rank_candidates(x_WECM, ctx))
+            reason = "tuned" if self.decisions[-1].reason == "profile" else "bucket"
+            self._trials[bucket] = _Trials([d for d in shortlist for _ in range(self.trial_steps)],
+                                           [], reason)
+        trials = self._trials[bucket]
+        if trials.left:
+            trial = trials.left.pop(0)
+            if not trials.tried or trials.tried[-1] is not trial:
+                trials.tried.append(trial)
                 self.decisions.append(trial)
             return trial
         # every trial has run: the fastest wins (median after its first, warm-up step; slowest
         # rank). A trial's first step also carries one-off costs such as building sub-groups.
         medians = torch.tensor([median(d.measured_ms[1:] or d.measured_ms or [math.inf])
-                                for d in self._tried], dtype=torch.float64)
+                                for d in trials.tried], dtype=torch.float64)
         medians = self._all_max(medians, ctx)
-        best = self._tried[int(torch.argmin(medians))]
-        decision = Decision(self._step, self._reason, best.algorithm, best.codec, best.degree,
+        best = trials.tried[int(torch.argmin(medians))]
+        decision = Decision(self._step, trials.reason, best.algorithm, best.codec, best.degree,
                             best.predicted_ms, best.predicted_forward_ms,
                             [float(medians.min())])
         self.decisions.append(decision)
+        del self._trials[bucket]
         self._running = self._winners[bucket] = decision
         return decision
 
@@ -406,6 +412,7 @@ class AdaptiveScheduler(Scheduler):
             # running choice; the next call profiles again.
             self._samples.clear()
             self._winners.clear()
+            self._trials.clear()
             self._running = None
             self._plan = None
             self.decisions.append(Decision(self._step, "drift", decision.algorithm,
@@ -419,6 +426,15 @@ class AdaptiveScheduler(Scheduler):
             with collective("the adaptive scheduler's agreement", group):
                 dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group.pg)
         return values
+
+
+@dataclass
+class _Trials:
+    """One capacity bucket's trials."""
+
+    left: list[Decision]  # still to run (each candidate trial_steps times in a row)
+    tried: list[Decision]  # run, in order
+    reason: str  # of the winner: "tuned" (after profiling) or "bucket"
 
 
 def _record(decision: Decision, step_ms: float) -> None:

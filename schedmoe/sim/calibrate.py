@@ -18,16 +18,16 @@ files: a list of records; `{"records": [...]}`; sim_validation's `{"layouts": {n
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError
+from ..validation import number, one_of, read_json
 from .cluster import ALGORITHMS, Cluster
 from .codecs import FIELDS as CODEC_FIELDS
-from .model import Workload, predict
+from .model import MAX_DEGREE, Workload, predict
 
 # Fields fitted by default: compute and link rates, per-message, per-task and per-exchange
 # costs, the inter-node link's size-dependent efficiency, interference; and, for every codec
@@ -55,22 +55,26 @@ def _record(raw: dict, source: str) -> Measurement:
     try:
         known = {f.name for f in fields(Workload)}
         workload = Workload(**{k: v for k, v in raw["workload"].items() if k in known})
-        return Measurement(workload, raw["algorithm"], raw.get("codec", "none"),
-                           int(raw["degree"]), raw["ms"] / 1e3)
-    except (KeyError, TypeError) as exc:
+        algorithm, codec, degree, ms = (raw["algorithm"], raw.get("codec", "none"),
+                                        raw["degree"], raw["ms"])
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ConfigError(f"{source}: a record lacks {exc}; records need workload, algorithm, "
                           "degree and ms (codec optional)") from None
+    workload.validate()
+    one_of(source, "a record's algorithm", algorithm, ALGORITHMS)
+    if not isinstance(codec, str):
+        raise ConfigError(f"{source}: a record's codec must be a name, got {codec!r}")
+    number(source, "a record's degree", degree, integer=True, low=1, high=MAX_DEGREE)
+    number(source, "a record's ms", ms, above=0)
+    return Measurement(workload, algorithm, codec, degree, ms / 1e3)
 
 
 def load_measurements(path: str | Path, layout: str | None = None,
                       workload_defaults: dict | None = None) -> list[Measurement]:
     """Records from a results file (formats in the module docstring). `workload_defaults` fills
     Workload fields the records leave out."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read measurements from {path}: {exc}") from None
-    if isinstance(data, dict) and "layouts" in data:
+    data = read_json(path, "measurements file")
+    if isinstance(data, dict) and isinstance(data.get("layouts"), dict):
         names = sorted(data["layouts"])
         if layout is None and len(names) == 1:
             layout = names[0]
@@ -79,9 +83,12 @@ def load_measurements(path: str | Path, layout: str | None = None,
         data = data["layouts"][layout]
     if isinstance(data, dict) and "rows" in data:  # schedule_bench: 8 experts, fp32, ragged
         known = {"num_experts": 8, "dtype_bytes": 4, "ragged": True}
-        data = [{"workload": {**known, **row["workload"]}, "algorithm": key.split(" r=")[0],
-                 "codec": "none", "degree": int(key.split(" r=")[1]), "ms": ms}
-                for row in data["rows"] for key, ms in row["ms"].items() if " r=" in key]
+        try:
+            data = [{"workload": {**known, **row["workload"]}, "algorithm": key.split(" r=")[0],
+                     "codec": "none", "degree": int(key.split(" r=")[1]), "ms": ms}
+                    for row in data["rows"] for key, ms in row["ms"].items() if " r=" in key]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"{path}: a schedule_bench row is malformed ({exc!r})") from None
     if isinstance(data, dict):
         data = data.get("records")
     if not isinstance(data, list) or not data:

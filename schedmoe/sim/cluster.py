@@ -25,11 +25,11 @@ calls on two channels and, on CPUs, threads) and 2dh's layout copies):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..validation import number, one_of, read_json
 from .codecs import CodecModel, codec_model
 
 PRESETS = Path(__file__).parent / "clusters"
@@ -75,31 +75,39 @@ class Cluster:
         return codec_model(name, self.codecs)
 
     def validate(self) -> None:
+        """Types, finiteness and ranges of every field (a NaN would make the simulator spin)."""
+        if not isinstance(self.name, str):
+            raise ConfigError(f"cluster name must be a string, got {self.name!r}")
+        where = f"cluster {self.name!r}"
+        counts = {"nodes": 1 << 20, "ranks_per_node": 1 << 12, "nics_per_node": 1 << 12}
+        positive = {"intra_gbyte_s", "nic_gbit", "gemm_tflops", "memory_gbyte_s"}
+        fractions = {"intra_large_efficiency", "inter_large_efficiency"}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-                raise ConfigError(f"cluster {self.name!r}: {f.name} must be >= 0, got {value}")
-        for name in ("nodes", "ranks_per_node", "nics_per_node"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"cluster {self.name!r}: {name} must be >= 1")
-        for name in ("intra_gbyte_s", "nic_gbit", "gemm_tflops", "memory_gbyte_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"cluster {self.name!r}: {name} must be > 0")
-        for name in ("intra_large_efficiency", "inter_large_efficiency"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ConfigError(f"cluster {self.name!r}: {name} must be in (0, 1]")
-        for codec in self.codecs:
-            self.codec(codec)
+            if f.name in counts:
+                number(where, f.name, value, integer=True, low=1, high=counts[f.name])
+            elif f.name not in ("name", "a2a_call_us", "codecs"):
+                number(where, f.name, value, high=1 if f.name in fractions else 1e12,
+                       above=0 if f.name in positive | fractions else None)
+        for name, table in (("a2a_call_us", self.a2a_call_us), ("codecs", self.codecs)):
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: {name} must be a JSON object, got {table!r}")
         for algorithm, us in self.a2a_call_us.items():
-            if algorithm not in ALGORITHMS or not isinstance(us, (int, float)) or us < 0:
-                raise ConfigError(f"cluster {self.name!r}: a2a_call_us maps an algorithm of "
-                                  f"{ALGORITHMS} to microseconds >= 0, got {algorithm!r}: {us!r}")
+            one_of(where, "an a2a_call_us key", algorithm, ALGORITHMS)
+            number(where, f"a2a_call_us[{algorithm!r}]", us, high=1e12)
+        for codec in self.codecs:
+            if not isinstance(codec, str):
+                raise ConfigError(f"{where}: codec names must be strings, got {codec!r}")
+            self.codec(codec)
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict, source: str = "cluster file") -> "Cluster":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a cluster is a JSON object of fields, got "
+                              f"{type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known - {"description", "assumptions", "calibration"}
         if unknown:
@@ -122,12 +130,7 @@ def load_cluster(name_or_path: str) -> Cluster:
         if not path.exists():
             raise ConfigError(f"no cluster preset {name_or_path!r}; presets: "
                               f"{preset_names()}, or give a path to a JSON file")
-    elif not path.exists():
-        raise ConfigError(f"cluster file {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"cluster file {path} is not valid JSON: {exc}") from None
+    data = read_json(path, "cluster file")
     return Cluster.from_json(data, str(path))
 
 

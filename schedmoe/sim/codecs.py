@@ -10,9 +10,11 @@ file overrides any field per codec, and calibration fits the throughputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
+from ..validation import number
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,18 @@ def codec_model(name: str, overrides: dict[str, dict] | None = None) -> CodecMod
     if name not in BUILTIN and not own:
         raise ConfigError(f"no model of codec {name!r}: known {sorted(BUILTIN)}; describe "
                           f"others in the cluster file's \"codecs\" table with {FIELDS}")
+    if not isinstance(own, dict):
+        raise ConfigError(f"codec {name!r}: a codec is a JSON object of {FIELDS}, got {own!r}")
     unknown = set(own) - set(FIELDS)
     if unknown:
         raise ConfigError(f"codec {name!r}: unknown fields {sorted(unknown)}; known {FIELDS}")
-    return replace(BUILTIN.get(name, CodecModel()), **own)
+    model = replace(BUILTIN.get(name, CodecModel()), **own)
+    where = f"codec {name!r}"
+    if model.bits_per_value is not None:
+        number(where, "bits_per_value", model.bits_per_value, high=64, above=0)
+    number(where, "per_row_bytes", model.per_row_bytes, high=1e9)
+    number(where, "ratio", model.ratio, high=1e9, above=0)
+    if model.gbyte_s != math.inf:  # inf: free (the `none` codec)
+        number(where, "gbyte_s", model.gbyte_s, above=0)
+    number(where, "per_call_us", model.per_call_us, high=1e12)
+    return model

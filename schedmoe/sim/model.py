@@ -12,10 +12,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import ConfigError
+from ..validation import number
 from .cluster import ALGORITHMS, Cluster, a2a_seconds, issue_seconds
 from .timeline import BACKWARD, FORWARD, Timeline, simulate
 
 CODECS = ("none", "fp16", "bf16", "int8", "fp8", "zstd", "zfp")
+
+
+MAX_DEGREE = 64  # pipeline degrees the simulator is asked about, at most
 
 
 @dataclass
@@ -29,6 +33,21 @@ class Workload:
     dtype_bytes: int = 2
     ragged: bool = False  # exchange only the routed rows, not the padded [E, C, M] buffer
     shared_hidden_dim: int = 0  # shared experts' total hidden size; 0: none
+
+    def validate(self) -> None:
+        for name in ("tokens", "model_dim", "hidden_dim", "num_experts", "top_k"):
+            number("workload", name, getattr(self, name), integer=True, low=1, high=1 << 31)
+        number("workload", "shared_hidden_dim", self.shared_hidden_dim, integer=True,
+               high=1 << 31)
+        if self.dtype_bytes not in (1, 2, 4, 8) or isinstance(self.dtype_bytes, bool):
+            raise ConfigError(f"workload: dtype_bytes must be 1, 2, 4 or 8, got "
+                              f"{self.dtype_bytes!r}")
+        number("workload", "capacity_factor", self.capacity_factor, low=-1e6, high=1e6)
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"workload: top_k ({self.top_k}) exceeds num_experts "
+                              f"({self.num_experts})")
+        if not isinstance(self.ragged, bool):
+            raise ConfigError(f"workload: ragged must be true or false, got {self.ragged!r}")
 
     def capacity(self) -> int:
         return math.ceil(self.capacity_factor * self.top_k * self.tokens / self.num_experts)

@@ -26,7 +26,9 @@ import torch.distributed as dist
 
 from .. import parallel
 from ..errors import CheckpointError, ConfigError
-from ..launch import run_ranks_here
+from ..launch import planned_world, run_ranks_here
+from ..registry import registry
+from ..validation import number, one_of
 from .data import CharCorpus, shard
 from .model import MoELM, lm_loss
 
@@ -56,12 +58,41 @@ class TrainConfig:
     a2a: str = "nccl"
     checkpoint_every: int = 50
 
+    def validate(self, world: int) -> None:
+        """Every setting (ConfigError or RegistryError naming it), before any rank starts."""
+        where = "TrainConfig"
+        for name in ("steps", "batch", "seq", "dim", "layers", "heads", "num_experts",
+                     "hidden_dim", "top_k", "checkpoint_every"):
+            number(where, name, getattr(self, name), integer=True, low=1, high=1 << 20)
+        number(where, "ep_size", self.ep_size, integer=True, high=1 << 20)
+        number(where, "seed", self.seed, integer=True, high=2 ** 31 - 1)
+        number(where, "lr", self.lr, above=0, high=1e3)
+        number(where, "aux_weight", self.aux_weight, high=1e6)
+        number(where, "clip", self.clip, above=0)
+        one_of(where, "recipe", self.recipe, ("ddp", "fsdp"))
+        registry("scheduler").get(self.scheduler)
+        registry("a2a").get(self.a2a)
+        if self.dim % self.heads:
+            raise ConfigError(f"{where}: dim ({self.dim}) must be divisible by heads "
+                              f"({self.heads})")
+        ep = self.ep_size or world
+        if world % ep or self.num_experts % ep:
+            raise ConfigError(f"{where}: ep_size ({ep}) must divide the ranks ({world}) and "
+                              f"num_experts ({self.num_experts})")
+        if self.batch % world:
+            raise ConfigError(f"{where}: the global batch ({self.batch} sequences) must be "
+                              f"divisible by the number of ranks ({world})")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"{where}: top_k ({self.top_k}) exceeds num_experts "
+                              f"({self.num_experts})")
+
 
 def train(cfg: TrainConfig, ranks: int | None = None, checkpoint_dir: str | None = None,
           resume: bool = False, progress: bool = True, timeout: float = 3600.0) -> dict:
     """Run the training on local ranks (or under torchrun); returns rank 0's record."""
     if resume and not checkpoint_dir:
         raise ConfigError("--resume needs --checkpoint-dir")
+    cfg.validate(planned_world(ranks))
     per_rank = run_ranks_here(train_rank, (cfg, checkpoint_dir, resume, progress), ranks,
                               timeout=timeout)
     return per_rank[0]
