@@ -292,6 +292,12 @@ class Agreement:
         options_W = [opts for opts, _ in reports]
         differing = [name for name in self.options
                      if len({repr(opts.get(name)) for opts in options_W}) > 1]
+        if "layer" in differing:
+            raise ConfigMismatchError(
+                "the ranks of the EP group called different MoE layers in one call (" + ", ".join(
+                    f"rank {r}: {opts.get('layer')}" for r, opts in enumerate(options_W))
+                + f"); this is {self.group.describe()}. Every rank must call the same layers in "
+                "the same order (and build them in the same order)")
         if differing:
             lines = "; ".join(
                 f"{name} differs across the ranks of the EP group (" + ", ".join(

@@ -207,7 +207,13 @@ class MoELayer(nn.Module):
         self.codecs = CodecSet.build(cfg.compressor, verify=cfg.verify)
         self.scheduler = (cfg.scheduler if isinstance(cfg.scheduler, Scheduler)
                           else registry("scheduler").resolve(cfg.scheduler)())
-        self._agreement = Agreement(self.group, cfg.canonical(self.codecs, self.scheduler))
+        # Which layer this is: its place in the order in which this EP group's layers were
+        # built, the same on every rank that builds the model alike. It is in the per-call
+        # record, so a call that pairs different layers across ranks raises ConfigMismatchError.
+        self.layer_index = _next_layer_index(self.group)
+        options = cfg.canonical(self.codecs, self.scheduler)
+        options["layer"] = f"MoE layer #{self.layer_index} built on this EP group"
+        self._agreement = Agreement(self.group, options)
 
         # Ragged rows (no padding) unless asked to pad: the split sizes ride in the per-call
         # agreement (dropless swaps them anyway). Fixed capacity with error feedback keeps the
@@ -428,3 +434,13 @@ class MoELayer(nn.Module):
                 f"({self.num_local_experts} local), hidden_dim={c.hidden_dim}, top_k={c.top_k}, "
                 f"capacity_factor={c.capacity_factor}, a2a={canonical(c.a2a, 'a2a')}, "
                 f"compressor={self.codecs.describe()}, scheduler={self.scheduler.describe()}")
+
+
+_LAYERS_BUILT: dict[tuple[int, ...], int] = {}  # EP group (global ranks) -> layers built on it
+
+
+def _next_layer_index(group: EPGroup) -> int:
+    key = tuple(dist.get_process_group_ranks(group.pg)) if group.distributed else ()
+    index = _LAYERS_BUILT.get(key, 0)
+    _LAYERS_BUILT[key] = index + 1
+    return index

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import schedmoe
 from schedmoe.errors import ConfigError, ConfigMismatchError, InputError, PeerError, RankError
@@ -91,7 +92,28 @@ def test_config_mismatch_across_ranks(field):
     check_every_rank_raises(results, ConfigMismatchError, *[f"{field} differs across"] * 2)
 
 
+def layers_in_another_order(rank: int, world: int, options: dict):
+    """Two layers with the same options, called A then B on rank 0 and B then A elsewhere;
+    three rounds, so that fixed capacity has its record riding on the dispatch by then."""
+    torch.manual_seed(0)
+    a, b = (schedmoe.MoELayer(M, E, H, **options) for _ in range(2))
+    x = torch.randn(6, M)
+    for _ in range(2):
+        a(x), b(x)
+    for layer in (a, b) if rank == 0 else (b, a):
+        layer(x)
+
+
+@pytest.mark.parametrize("options", [{"capacity_factor": 0.0},  # dropless: an all-gather
+                                     {"capacity_factor": 1.25, "ragged": False}])  # rider
+def test_layers_called_in_another_order_on_one_rank(options):
+    results = run_ranks(layers_in_another_order, 2, options, return_exceptions=True, timeout=60)
+    check_every_rank_raises(results, ConfigMismatchError,
+                            *["called different MoE layers in one call (rank 0: MoE layer #0"] * 2)
+
+
 def rank_dies(rank: int, world: int):
+    dist.barrier()  # every rank past init: a death during another's init is not the case here
     layer = schedmoe.MoELayer(M, E, H)
     if rank == 1:
         os._exit(3)
