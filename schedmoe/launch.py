@@ -1,8 +1,9 @@
-"""Spawn W local ranks, run a function on each, and collect what they return.
+"""Start W local ranks, run a function on each, and collect what they return.
 
-Used by `schedmoe bench` and by tests (through `schedmoe.testing`). A rank that raises, dies or
-hangs turns into a `RankError` naming the rank and carrying its traceback, within `timeout`
-seconds; nothing waits for gloo's 30-minute default.
+Used by `schedmoe bench`, `schedmoe train` and tests (through `schedmoe.testing`). A rank that
+raises, dies or hangs turns into a `RankError` naming the rank and carrying its traceback,
+within `timeout` seconds; nothing waits for gloo's 30-minute default. The launcher owns its
+ranks: signals reach them, and none outlives it (`spawn`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from datetime import timedelta
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,8 +28,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .errors import RankError
-from .validation import number
 from .topology import release as release_groups
+from .validation import number
 
 
 def run_ranks_here(fn: Callable[..., Any], args: Sequence[Any] = (), ranks: int | None = None,
