@@ -150,7 +150,7 @@ def _watch(procs: list, tmpdir: Path, timeout: float, grace: float | None,
         for rank, p in enumerate(procs):
             if rank not in ended and not p.is_alive():
                 ended.add(rank)
-                if not _succeeded(tmpdir, rank):
+                if p.exitcode != 0 or not (tmpdir / f"rank{rank}.pkl").exists():
                     outcome.failed.append(rank)
                     if grace is not None and cut is None:
                         cut = time.monotonic() + grace
@@ -166,11 +166,6 @@ def _watch(procs: list, tmpdir: Path, timeout: float, grace: float | None,
             return
         wait([procs[r].sentinel for r in alive],
              timeout=min(0.5, deadline - now, (cut - now) if cut is not None else 0.5))
-
-
-def _succeeded(tmpdir: Path, rank: int) -> bool:
-    result = tmpdir / f"rank{rank}.pkl"
-    return result.exists() and pickle.loads(result.read_bytes())[0] == "ok"
 
 
 def _forward_signals(procs: list, signals: list[int]) -> dict:
@@ -283,6 +278,8 @@ def _rank_main(fn, rank, world_size, args, backend, tmpdir, collective_timeout, 
     faulthandler.unregister(signal.SIGUSR1)
     (tmp / f"rank{rank}.tmp").write_bytes(pickle.dumps(result))
     os.replace(tmp / f"rank{rank}.tmp", tmp / f"rank{rank}.pkl")
+    if result[0] != "ok":
+        os._exit(1)  # the launcher tells failures by the exit code, without reading results
 
 
 def _die_with(launcher: int) -> None:

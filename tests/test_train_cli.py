@@ -141,3 +141,15 @@ def test_a_rank_killed_during_a_save_resumes_from_the_previous_checkpoint(uninte
     assert _curve(resumed) == _curve(full)[:12]
     assert latest_checkpoint(tmp_path).name == "step-000012"
     assert not list(tmp_path.glob("*.partial")), "the next save did not clear the crashed one"
+
+
+def test_resume_skips_a_damaged_checkpoint_for_the_one_before(uninterrupted, tmp_path):
+    directory, full = uninterrupted
+    for k in (10, 20):
+        shutil.copytree(directory / f"step-{k:06d}", tmp_path / f"step-{k:06d}")
+    manifest = tmp_path / "step-000020" / "schedmoe.json"
+    manifest.write_text(manifest.read_text().replace('"step": 20', '"step": 21'))
+    resumed = train(_config(30, 10), ranks=4, checkpoint_dir=str(tmp_path), resume=True,
+                    progress=False, timeout=300)
+    assert resumed["resumed_from"].endswith("step-000010")
+    assert _curve(resumed) == _curve(full)[:30]

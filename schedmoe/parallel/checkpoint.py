@@ -69,8 +69,9 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module,
     calls it). An existing checkpoint at `path` is replaced once the new one is complete."""
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
-    state, _, _ = _state(model, optimizer, layout)
-    state.update(_rank_state(model))
+    experts = ExpertMap(model)
+    state, _, _ = _state(model, optimizer, layout, experts)
+    state.update(_rank_state(experts))
     try:
         extra_json = json.loads(json.dumps(extra or {}))
     except (TypeError, ValueError) as exc:
@@ -105,12 +106,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     EP size) each rank's RNG states and its layers' runtime state are restored too."""
     path = Path(path)
     manifest = verify_checkpoint(path)
-    state, targets, experts = _state(model, optimizer, layout)
+    experts = ExpertMap(model)
+    state, targets, expert_keys = _state(model, optimizer, layout, experts)
     saved = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
     if optimizer is not None and not strict and not any(k.startswith("optim.") for k in saved):
         optimizer = None  # saved without one: load the model only
         state = {k: v for k, v in state.items() if not k.startswith("optim.")}
-    _agree(_account(path, state, experts, saved, strict))
+    _agree(_account(path, state, expert_keys, saved, strict))
     state = {k: v for k, v in state.items() if k in saved or not isinstance(v, torch.Tensor)}
     same_layout = (manifest["world_size"], manifest["ep_size"]) == (dist.get_world_size(),
                                                                     layout.ep_size)
@@ -131,7 +133,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
                 fqn, name = key[len("optim.state."):].rsplit(".", 1)
                 optim_state["state"].setdefault(fqn, {})[name] = targets.get(key, value)
         set_optimizer_state_dict(model, optimizer, optim_state)
-    _restore_rank_state(model, {k.rsplit(".", 1)[0]: fresh[k] for k in mine})
+    _restore_rank_state(experts, {k.rsplit(".", 1)[0]: fresh[k] for k in mine})
     return manifest["extra"]
 
 
@@ -178,14 +180,13 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
 
 # -- the state: one flat dict, expert tensors as global DTensors ------------------------------
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
-           layout: ParallelLayout) -> tuple[dict, dict, set[str]]:
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: ParallelLayout,
+           experts: ExpertMap) -> tuple[dict, dict, set[str]]:
     """One flat dict: "model.<fqn>", "optim.state.<fqn>.<name>", "optim.param_groups" (canonical
     FQNs); every expert tensor as a DTensor of its global shape. And the tensors of the model
     and optimizer that each tensor entry stands for (where a load writes), by key; and the keys
     of the expert tensors."""
     check_layers(model, layout)
-    experts = ExpertMap(model)
     state, targets, expert_keys = {}, {}, set()
     for fqn, value, expert in model_entries(model, experts):
         key = f"model.{fqn}"
@@ -434,7 +435,7 @@ def _rank_keys() -> list[str]:
     return [f"rng.{rank}", f"rng_cuda.{rank}", f"runtime.{rank}"]
 
 
-def _rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _rank_state(experts: ExpertMap) -> dict[str, torch.Tensor]:
     """This rank's RNG states (CPU, and the current CUDA device's if in use) and its layers'
     `runtime_state()` by canonical name (pickled into bytes: DCP keeps per-rank keys apart)."""
     rng, rng_cuda, runtime = _rank_keys()
@@ -442,20 +443,19 @@ def _rank_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out[rng_cuda] = torch.cuda.get_rng_state()
     buffer = io.BytesIO()
-    torch.save({name: layer.runtime_state() for name, layer in ExpertMap(model).layers.items()},
-               buffer)
+    torch.save({name: layer.runtime_state() for name, layer in experts.layers.items()}, buffer)
     out[runtime] = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
     return out
 
 
-def _restore_rank_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+def _restore_rank_state(experts: ExpertMap, saved: dict[str, torch.Tensor]) -> None:
     if "rng" in saved:
         torch.set_rng_state(saved["rng"])
     if "rng_cuda" in saved and torch.cuda.is_available():
         torch.cuda.set_rng_state(saved["rng_cuda"])
-    if "runtime" in saved:
-        layers = ExpertMap(model).layers
-        device = next(iter(model.parameters())).device
+    layers = experts.layers
+    if "runtime" in saved and layers:
+        device = next(next(iter(layers.values())).parameters()).device
         # weights_only=False: the scheduler's decisions are dataclasses; the bytes were
         # verified against the manifest's checksum before this
         runtime = torch.load(io.BytesIO(saved["runtime"].numpy().tobytes()),

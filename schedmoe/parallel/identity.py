@@ -34,14 +34,14 @@ KEY = "expert_range"
 # Wrapper modules that add a name segment their state dicts leave out: (module that defines the
 # class, class name, attribute holding the wrapped module). Looked up only once the defining
 # module is imported (no instance can exist before), so nothing heavy is imported here.
+_FSDP1 = ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
 _WRAPPERS = (
     ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),
     ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
     ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),
     ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper",
      "_checkpoint_wrapped_module"),
-    ("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel",
-     "_fsdp_wrapped_module"),
+    (*_FSDP1, "_fsdp_wrapped_module"),
 )
 
 
@@ -50,29 +50,34 @@ def _imported(where: str, name: str) -> type | None:
     return getattr(sys.modules.get(where), name, None)
 
 
-def wrapped_attribute(module: object) -> str | None:
+def _wrappers() -> dict[type, str]:
+    """The wrapper classes imported so far -> the attribute holding the wrapped module."""
+    return {cls: attribute for where, name, attribute in _WRAPPERS
+            if (cls := _imported(where, name)) is not None}
+
+
+def wrapped_attribute(module: object, wrappers: dict[type, str] | None = None) -> str | None:
     """The attribute holding the wrapped module if `module` is a wrapper, else None."""
-    for where, name, attribute in _WRAPPERS:
-        cls = _imported(where, name)
-        if cls is not None and isinstance(module, cls):
+    for cls, attribute in (_wrappers() if wrappers is None else wrappers).items():
+        if isinstance(module, cls):
             return attribute
     return None
 
 
 def _is_fsdp1(module: object) -> bool:
-    cls = _imported(*_WRAPPERS[-1][:2])
+    cls = _imported(*_FSDP1)
     return cls is not None and isinstance(module, cls)
 
 
 def canonical_name(model: nn.Module, name: str) -> str:
     """`name` (of a parameter, buffer, module or state-dict entry of `model`) without the
     segments of wrapper modules: the canonical FQN."""
-    kept, obj = [], model
+    kept, obj, wrappers = [], model, _wrappers()
     for part in name.split(".") if name else []:
-        attribute = wrapped_attribute(obj)
+        attribute = wrapped_attribute(obj, wrappers)
         while attribute is not None and part != attribute:  # a key the wrapper shortened
             obj = getattr(obj, attribute)
-            attribute = wrapped_attribute(obj)
+            attribute = wrapped_attribute(obj, wrappers)
         if attribute is not None:  # the wrapper's own segment: left out
             obj = getattr(obj, attribute)
             continue
@@ -111,10 +116,10 @@ class ExpertMap:
     def __init__(self, model: nn.Module) -> None:
         from ..layer import MoELayer  # the layer module imports this one
 
-        names: dict[int, str] = {}
+        names: dict[int, str] = {}  # tensor -> its first name (made canonical for experts only)
         for name, t in [*model.named_parameters(remove_duplicate=False),
                         *model.named_buffers(remove_duplicate=False)]:
-            names.setdefault(id(t), canonical_name(model, name))
+            names.setdefault(id(t), name)
         self.layers: dict[str, nn.Module] = {}
         self.by_id: dict[int, ExpertTensor] = {}
         for name, module in model.named_modules():
@@ -133,7 +138,7 @@ class ExpertMap:
                         f"an expert tensor of shape {tuple(t.shape)} is not reachable from the "
                         "model's named parameters or buffers; pass the model that holds the "
                         "MoELayers")
-                self.by_id[id(t)] = ExpertTensor(names[id(t)], t, layer)
+                self.by_id[id(t)] = ExpertTensor(canonical_name(model, names[id(t)]), t, layer)
         self.by_fqn = {e.fqn: e for e in self.by_id.values()}
 
     def __contains__(self, tensor: object) -> bool:

@@ -102,7 +102,7 @@ def checkpoints(directory: str | os.PathLike) -> list[Path]:
     """The complete checkpoints in `directory` (those with a manifest), newest first."""
     found = [p for p in Path(directory).glob("step-*")
              if re.fullmatch(r"step-\d+", p.name) and (p / parallel.checkpoint.MANIFEST).exists()]
-    return sorted(found, reverse=True)
+    return sorted(found, key=lambda p: int(p.name[len("step-"):]), reverse=True)
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
@@ -119,8 +119,8 @@ def resume_from(directory: str | os.PathLike, wrapped, opt, layout,
     CheckpointError says why."""
     problems = []
     for path in checkpoints(directory):
-        _check_resumable(parallel.read_manifest(path)["extra"]["config"], cfg)
-        try:
+        try:  # the manifest first (settings that differ raise ConfigError), then the tensors
+            _check_resumable(parallel.read_manifest(path)["extra"].get("config"), cfg, path)
             return path, parallel.load_checkpoint(path, wrapped, opt, layout)
         except CheckpointError as exc:  # the same on every rank: try the one before
             problems.append(f"{path.name}: {exc}")
@@ -133,6 +133,7 @@ def resume_from(directory: str | os.PathLike, wrapped, opt, layout,
 
 def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | None,
                resume: bool, progress: bool) -> dict:
+    cfg.validate(world)
     layout = parallel.init_parallel(cfg.ep_size or world)
     device = torch.device("cuda", torch.cuda.current_device()) \
         if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -142,8 +143,6 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
                   hidden_dim=cfg.hidden_dim, num_experts=cfg.num_experts, top_k=cfg.top_k,
                   capacity_factor=0, balance_loss="global", scheduler=cfg.scheduler, a2a=cfg.a2a,
                   group=layout.ep_group, balance_group=layout.dp_group).to(device)
-    if cfg.recipe not in ("ddp", "fsdp"):
-        raise ConfigError(f"recipe must be 'ddp' or 'fsdp', got {cfg.recipe!r}")
     if cfg.recipe == "ddp":
         on_gpu = {"device_ids": [device.index]} if device.type == "cuda" else {}
         wrapped = parallel.data_parallel(model, layout, **on_gpu)
@@ -192,7 +191,10 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
             "backend": dist.get_backend(), "resumed_from": resumed_from, "history": history}
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig) -> None:
+def _check_resumable(saved: dict | None, cfg: TrainConfig, path: Path) -> None:
+    if not isinstance(saved, dict) or any(k not in saved for k in SAME_ON_RESUME):
+        raise CheckpointError(f"{path} was not saved by schedmoe train: its manifest has no "
+                              "run settings")
     changed = {k: (saved[k], getattr(cfg, k)) for k in SAME_ON_RESUME
                if saved[k] != getattr(cfg, k)}
     if changed:
