@@ -4,7 +4,7 @@ checks it.
 Legend: W ranks in the EP group, F integers in one rank's step record.
 
 Every call of an MoE layer swaps one small int64 record per rank (F values): the layer's
-options as canonical strings (hashed; computed once at construction), the input's dtype, device
+options as canonical strings (hashed; recomputed when an option changes), the input's dtype, device
 type and autograd state, a local problem code, and the rank's capacity limit (the size exchange
 that decides the buffer's capacity C). Every rank swaps its record exactly once per call,
 whatever it finds locally, so a rank with a bad input or a local failure cannot leave the others
@@ -27,6 +27,16 @@ How the record travels:
   with it (every rank sees the same records, so all take the same path). The all-gather costs
   5.6 ms per call (3.7% of the step) on 4 CPU ranks at T = 256, which is why the record rides
   instead (docs/hardening.md).
+
+Options changed at run time (`layer.scheduler = ...`, `layer.config.capacity_factor = ...`) are
+re-read by the layer at its next call and put in the record (`set_options`). Which collectives a
+call makes before its records are compared (rider or all-gather, split sizes in the record or
+not) depends only on what the previous call agreed, the same on every rank, never on this
+rank's new options: a rank whose options changed while the others may still ride sends
+placeholders through the exchange the last call agreed on (problem code RECONFIGURED). The
+records then show either a mismatch (the typed error on every rank) or that every rank changed
+alike (`Misguessed(resync=True)`: every rank agrees again, in an all-gather, and runs the call
+with the new options).
 
 Canonical options: an option is compared by what it means, not how it was spelled: registry
 names and classes map to one name, `"pipeline"` and `PipelineScheduler(2)` both describe as
@@ -112,6 +122,7 @@ def _value_identity(value: Any) -> str:
 
 # What one rank found about its own input before the exchange (problem codes).
 OK, NOT_TENSOR, BAD_SHAPE, BAD_DTYPE, NON_FINITE, EMPTY, BAD_DEVICE, FAILED = range(8)
+RECONFIGURED = 8  # not a problem: this rank's options changed; it sent placeholders
 PROBLEMS = {
     NOT_TENSOR: ("a non-tensor instead of a torch.Tensor (got {})",
                  "call the layer with a tensor shaped [..., model_dim]"),
@@ -180,11 +191,13 @@ class Agreed:
 
 class Misguessed(Exception):
     """The guess a rider was sent under was wrong, without any error: run the call again with
-    `agreed` (internal to the layer; raised on every rank alike)."""
+    `agreed`, or, if `resync`, agree again first because every rank's options changed alike
+    (internal to the layer; raised on every rank alike)."""
 
-    def __init__(self, agreed: Agreed) -> None:
+    def __init__(self, agreed: Agreed, resync: bool = False) -> None:
         super().__init__(f"the guessed capacity/dtype/input-grad state was wrong: {agreed}")
         self.agreed = agreed
+        self.resync = resync
 
 
 class Rider:
@@ -230,29 +243,44 @@ class Rider:
 
 
 class Agreement:
-    """The per-call agreement of one layer: `options` are name -> canonical string."""
+    """The per-call agreement of one layer: `options` are name -> canonical string;
+    `num_experts` is the length of a split-size record (ragged rows)."""
 
-    def __init__(self, group: EPGroup, options: dict[str, str]) -> None:
+    def __init__(self, group: EPGroup, options: dict[str, str], num_experts: int) -> None:
         self.group = group
-        self.options = options
+        self.num_experts = num_experts
+        self.set_options(options)
+        self._agreed_crc: int | None = None  # the options hash of the last call that agreed
+        # Whether the split sizes ride in the next all-gathered record: only if the last
+        # all-gather had them (ragged rows), which every rank knows alike.
+        self._counts_ride = False
+
+    def set_options(self, options: dict[str, str]) -> None:
+        """This rank's options from now on (the layer re-read them)."""
+        self.options = dict(options)
         self._options_crc = zlib.crc32(repr(sorted(options.items())).encode()) & 0x7FFFFFFF
-        self._verified = False  # a call has agreed: every rank's options are the same
+
+    @property
+    def changed(self) -> bool:
+        """This rank's options differ from those the last call agreed on."""
+        return self._agreed_crc is not None and self._options_crc != self._agreed_crc
 
     def agree(self, local: LocalStep, device: torch.device,
               counts: list[int] | None = None) -> Agreed:
         """Swap the records; raise the same typed error on every rank if anything is wrong.
-        `counts` (ragged rows: rows for each expert) ride in the same record once the
-        options are known to agree (records of one length on every rank); before that, in a
-        second all-gather."""
-        ride = counts is not None and self._verified
-        record = [self._options_crc, *local.record(), *(counts if ride else [])]
+        `counts` (ragged rows: rows for each expert) ride in the same record if the last
+        all-gather had them too (records of one length on every rank: a rank without counts
+        sends zeros); otherwise they follow in a second all-gather."""
+        ride = self._counts_ride
+        extra = (counts if counts is not None else [0] * self.num_experts) if ride else []
+        record = [self._options_crc, *local.record(), *extra]
         record_WF = all_gather_ints(record, self.group, device,
                                     "the per-call agreement of MoELayer")
         agreed = self.conclude(record_WF[:, :1 + len(_COLUMNS)], local)
-        self._verified = True
         if counts is not None:
             agreed.counts_WE = record_WF[:, 1 + len(_COLUMNS):] if ride else all_gather_ints(
                 counts, self.group, device, "the split-size exchange of MoELayer")
+        self._counts_ride = counts is not None  # the same on every rank: the options agree
         return agreed
 
     def rider(self, local: LocalStep, guess: Agreed) -> Rider:
@@ -266,8 +294,10 @@ class Agreement:
         wrong, Misguessed if the call was sent under a `guess` that turned out wrong."""
         col = {name: record_WF[:, 1 + i].tolist() for i, name in enumerate(_COLUMNS)}
         problems = col["problem"]
-        if len(set(record_WF[:, 0].tolist())) > 1 or any(problems):
+        crcs = set(record_WF[:, 0].tolist())
+        if len(crcs) > 1 or any(code not in (OK, RECONFIGURED) for code in problems):
             self._raise(local, problems)
+        self._agreed_crc = crcs.pop()
         shown = {"dtype": ("input dtype", local.dtype),
                  "device": ("input device type", local.device_type),
                  "graph": ("autograd state (graph built through the layer)", _graph_text(local))}
@@ -281,6 +311,8 @@ class Agreement:
                     "all in training with grad enabled or all under no_grad)")
         agreed = Agreed(max(col["limit"]), any(col["input_grad"]), tuple(col["layout"]),
                         local.dtype)
+        if RECONFIGURED in problems:  # every rank changed its options alike
+            raise Misguessed(agreed, resync=True)
         if guess is not None and not agreed.same_call(guess):
             raise Misguessed(agreed)
         return agreed
@@ -305,8 +337,9 @@ class Agreement:
                 for name in differing)
             raise ConfigMismatchError(
                 f"{lines}; this is {self.group.describe()}. Build MoELayer with the same "
-                "arguments on every rank.")
-        bad = [r for r, code in enumerate(problems) if code != OK]
+                "arguments on every rank, and change its options at run time (layer.scheduler, "
+                "layer.codecs, layer.a2a, layer.config.*) on every rank between the same calls.")
+        bad = [r for r, code in enumerate(problems) if code not in (OK, RECONFIGURED)]
         failed = [r for r in bad if problems[r] == FAILED]
         if failed:
             text = "; ".join(f"rank {r}: {reports[r][1]}" for r in failed)
@@ -329,7 +362,7 @@ class Agreement:
 
 
 def _describe(local: LocalStep) -> str:
-    if local.problem == OK:
+    if local.problem in (OK, RECONFIGURED):
         return "no problem"
     if local.problem == FAILED:
         return f"{type(local.error).__name__}: {local.error}"

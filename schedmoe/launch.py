@@ -13,6 +13,7 @@ import os
 import pickle
 import select
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +52,11 @@ def run_ranks_here(fn: Callable[..., Any], args: Sequence[Any] = (), ranks: int 
             mine = fn(dist.get_rank(), dist.get_world_size(), *args)
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)
+        except BaseException:
+            # This rank's own error first: the cleanup below may abort the process in gloo.
+            traceback.print_exc()
+            sys.stderr.flush()
+            raise
         finally:
             release_groups()
             dist.destroy_process_group()
@@ -261,25 +267,33 @@ def _rank_main(fn, rank, world_size, args, backend, tmpdir, collective_timeout, 
     torch.set_num_threads(threads)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    result: tuple[str, Any, str]
     try:
         dist.init_process_group(backend, init_method=f"file://{tmp / 'rendezvous'}",
                                 rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout))
-        try:
-            result = ("ok", fn(rank, world_size, *args), "")
-        finally:
-            release_groups()
-            dist.destroy_process_group()
+        # Every rank past its connections first: a rank that fails at once and exits would
+        # otherwise break a slower peer's connection set-up (gloo's connectFullMesh).
+        dist.barrier()
+        value = fn(rank, world_size, *args)
+        release_groups()
+        dist.destroy_process_group()
     except BaseException as exc:  # report everything, including KeyboardInterrupt
+        # Reported before anything else runs: a cleanup with exchanges of the other ranks
+        # still arriving can abort this process in gloo, and its own error would be lost.
         tb = traceback.format_exc()
         exc.remote_traceback = tb
-        result = ("error", _picklable(exc, tb), tb)
+        _report(tmp, rank, ("error", _picklable(exc, tb), tb))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # the launcher tells failures by the exit code, without reading results
     faulthandler.unregister(signal.SIGUSR1)
+    _report(tmp, rank, ("ok", value, ""))
+
+
+def _report(tmp: Path, rank: int, result: tuple[str, Any, str]) -> None:
+    """This rank's result or error, for the launcher (written whole, then renamed)."""
     (tmp / f"rank{rank}.tmp").write_bytes(pickle.dumps(result))
     os.replace(tmp / f"rank{rank}.tmp", tmp / f"rank{rank}.pkl")
-    if result[0] != "ok":
-        os._exit(1)  # the launcher tells failures by the exit code, without reading results
 
 
 def _die_with(launcher: int) -> None:

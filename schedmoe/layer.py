@@ -9,10 +9,17 @@ compress -> A2A -> decompress] -> decode. Every call the ranks swap one small re
 bad input, a local failure or a mismatched config on any rank raises on every rank instead of
 leaving the others waiting in a collective. In fixed-capacity mode, once the calls repeat, the
 record rides on the first dispatch instead of costing a collective of its own.
+
+Options may change between calls, on every rank alike: `layer.scheduler = ...`,
+`layer.codecs = ...`, `layer.a2a = ...`, `layer.config.capacity_factor = ...` (or any other
+field but those in FIXED_OPTIONS, which shape the parameters). The layer re-reads them at its
+next call (rebuilding the scheduler, codecs or A2A if their config field changed) and the
+agreement checks them there: a change on one rank only raises ConfigMismatchError on every rank.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -21,9 +28,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .a2a_algos.base import A2AAlgorithm
 from .agreement import (BAD_DEVICE, BAD_DTYPE, BAD_SHAPE, EMPTY, FAILED, NON_FINITE,
-                        NOT_TENSOR, OK, Agreed, Agreement, LocalStep, Misguessed, Rider,
-                        canonical)
+                        NOT_TENSOR, OK, RECONFIGURED, Agreed, Agreement, LocalStep, Misguessed,
+                        Rider, canonical)
 from .distributed import EPGroup
 from .dispatch import (DispatchPlan, capacity_limit, check_drop_policy, decode, encode,
                        layout_hash, locate, make_plan, make_ragged_plan)
@@ -41,9 +49,16 @@ from .schedulers.base import Scheduler, SharedWork, StepContext
 from .recorder import StepRecorder
 
 
+# Options that shape the parameters or the gate: fixed once the layer is built.
+FIXED_OPTIONS = ("model_dim", "num_experts", "hidden_dim", "top_k", "expert", "expert_options",
+                 "activation", "gate", "gate_options", "normalize_weights", "gate_noise",
+                 "shared_hidden_dim", "num_shared_experts", "shared_gate")
+
+
 @dataclass
 class MoEConfig:
-    """Everything that defines an MoE layer; must be identical on every rank of the EP group."""
+    """Everything that defines an MoE layer; must be identical on every rank of the EP group.
+    A layer re-reads its config when a field is set (`version` counts the sets)."""
 
     model_dim: int
     num_experts: int
@@ -74,6 +89,10 @@ class MoEConfig:
     trace: bool = False  # record every op's interval in last_stats.events
     verify: bool = False  # a checksum on every payload slice, checked on arrival
 
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "version", self.__dict__.get("version", 0) + 1)
+
     def validate(self, world_size: int) -> None:
         for name in ("model_dim", "num_experts", "hidden_dim", "top_k"):
             value = getattr(self, name)
@@ -101,22 +120,23 @@ class MoEConfig:
             raise ConfigError(f"balance_loss must be one of {BALANCE_LOSSES}, got "
                               f"{self.balance_loss!r}")
 
-    def canonical(self, codecs: CodecSet, scheduler: Scheduler) -> dict[str, str]:
+    def canonical(self, codecs: CodecSet, scheduler: Scheduler,
+                  a2a: A2AAlgorithm) -> dict[str, str]:
         """Every option as a string that is equal on two ranks iff it means the same there
-        (names and classes alike, defaults resolved); what the ranks agree on."""
+        (names and classes alike, defaults resolved); what the ranks agree on. The codecs,
+        scheduler and A2A are the live objects (which may have been assigned directly)."""
         options = {name: canonical(getattr(self, name)) for name in (
             "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
-            "normalize_weights", "check_finite", "allow_empty", "verify", "gate_options", "ragged",
+            "normalize_weights", "check_finite", "allow_empty", "gate_options", "ragged",
             "expert_options", "shared_hidden_dim", "num_shared_experts", "shared_gate",
-            "balance_loss", "local_size")}
+            "balance_loss")}
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
                         for name in ("capacity_factor", "gate_noise", "z_loss_weight",
                                      "input_jitter")})
         options.update(expert=canonical(self.expert, "expert"), gate=canonical(self.gate, "gate"),
                        activation=canonical(activation_name(self.activation)),
-                       a2a=canonical(self.a2a, "a2a"),
-                       compressor=codecs.describe(),
-                       scheduler=scheduler.describe())
+                       a2a=canonical(type(a2a), "a2a"), local_size=canonical(a2a.local_size),
+                       compressor=codecs.describe(), scheduler=scheduler.describe())
         return options
 
 
@@ -203,23 +223,31 @@ class MoELayer(nn.Module):
         shared_dim = cfg.num_shared_experts * cfg.shared_hidden_dim
         self.shared = SharedExperts(expert_cls(1, model_dim, shared_dim, **expert_args),
                                     cfg.shared_gate) if shared_dim else None
-        self.a2a = registry("a2a").resolve(cfg.a2a)(self.group, cfg.local_size)
+        self.a2a = _build_a2a(cfg, self.group)
         self.codecs = CodecSet.build(cfg.compressor, verify=cfg.verify)
-        self.scheduler = (cfg.scheduler if isinstance(cfg.scheduler, Scheduler)
-                          else registry("scheduler").resolve(cfg.scheduler)())
+        self.scheduler = _build_scheduler(cfg.scheduler)
+        # The config values the live scheduler, codecs and A2A were built from: a new value
+        # rebuilds them at the next call (_refresh).
+        self._built_from = _sources(cfg)
         # Which layer this is: its place in the order in which this EP group's layers were
         # built, the same on every rank that builds the model alike. It is in the per-call
         # record, so a call that pairs different layers across ranks raises ConfigMismatchError.
         self.layer_index = _next_layer_index(self.group)
-        options = cfg.canonical(self.codecs, self.scheduler)
-        options["layer"] = f"MoE layer #{self.layer_index} built on this EP group"
-        self._agreement = Agreement(self.group, options)
+        options = self._options()
+        self._fixed = {name: options[name] for name in FIXED_OPTIONS}
+        self._agreement = Agreement(self.group, options, cfg.num_experts)
+        self._changes = 0  # assignments of scheduler, codecs, a2a or config (__setattr__)
+        self._options_key = self._key()  # what the options were last read from
 
         # Ragged rows (no padding) unless asked to pad: the split sizes ride in the per-call
         # agreement (dropless swaps them anyway). Fixed capacity with error feedback keeps the
         # padded layout, whose residuals belong to fixed slots.
-        self.ragged = cfg.ragged and (cfg.capacity_factor <= 0 or self.group.size == 1
-                                      or not self.codecs.uses_feedback)
+        self.ragged = self._wants_ragged()
+        # The scheduler, codecs and A2A the last call ran, with shallow copies taken then (~4
+        # us): a rank whose options changed since sends its placeholders through them, so
+        # that its exchanges match the others' (agreement.py).
+        self._ran_key = self._call_key = self._options_key  # the options at the last call
+        self._ran = self._live(), self._snapshot()
         self._agreed: Agreed | None = None  # what the last call agreed
         self._guess: Agreed | None = None  # what the next call is guessed to agree
 
@@ -242,25 +270,32 @@ class MoELayer(nn.Module):
         local, routed = self._route(x, device, timer)
         guess = self._guess if self._can_guess() else None
         if guess is None:
-            with timer("agree"):
-                agreed = self._agreement.agree(local, device, local.counts)
-            if self.codecs.uses_feedback:
-                self.codecs.observe_layout((agreed.capacity, agreed.layouts))
+            agreed = self._agree(local, device, timer)
             plan, y_WECM, ctx = self._exchange(x, local, routed, agreed, timer, recompute)
         else:
+            running = None  # the live scheduler, codecs and A2A
+            if self._call_key != self._ran_key:  # the others may still run the last call's
+                running = self._as_ran()
+                if local.problem == OK:
+                    local.problem = RECONFIGURED  # placeholders; see agreement.py
             rider = self._agreement.rider(local, guess)
             try:
                 plan, y_WECM, ctx = self._exchange(x, local, routed, guess, timer, recompute,
-                                                   rider=rider)
+                                                   rider=rider, running=running)
                 agreed = rider.agreed
             except Misguessed as miss:  # every rank alike: run the call at the agreed shapes
-                agreed = miss.agreed
                 timer = StepRecorder(device, trace=cfg.trace)
+                if miss.resync:  # every rank's options changed alike: agree on the new ones
+                    local.problem = OK
+                    agreed = self._agree(local, device, timer)
+                else:
+                    agreed = miss.agreed
                 plan, y_WECM, ctx = self._exchange(x, local, routed, agreed, timer, recompute)
         # Guess the next call only once two calls in a row agreed alike (a capacity that
         # changes every call is swapped beforehand instead of guessed wrong every time).
-        self._guess = agreed if agreed.same_call(self._agreed) else None
+        self._guess = agreed if agreed.same_call(self._agreed) and self._may_ride() else None
         self._agreed = agreed
+        self._ran_key, self._ran = self._call_key, (self._live(), self._snapshot())
 
         routing = routed[0]
         num_tokens, capacity = plan.kept_TK.shape[0], agreed.capacity
@@ -313,21 +348,95 @@ class MoELayer(nn.Module):
             for name, value in state.get("gate", {}).items():
                 getattr(self.gate, name).copy_(value)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name in ("scheduler", "codecs", "a2a", "config") and "_changes" in self.__dict__:
+            self._changes += 1  # re-read at the next call
+
     def _can_guess(self) -> bool:
-        """Whether this call's record may ride on its first dispatch (agreement.py): fixed
-        capacity in padded rows, no error feedback, a scheduler that carries it, more than one
-        rank."""
-        return (self._guess is not None and self.config.capacity_factor > 0 and not self.ragged
+        """Whether the next call's record rides on its first dispatch (agreement.py): decided
+        at the end of the last call, from what every rank agreed, so the same on every rank."""
+        return self._guess is not None
+
+    def _may_ride(self) -> bool:
+        """Whether this layer's options let records ride: fixed capacity in padded rows, no
+        error feedback, a scheduler that carries it, more than one rank."""
+        return (self.config.capacity_factor > 0 and not self.ragged
                 and not self.codecs.uses_feedback and self.group.distributed
                 and type(self.scheduler).carries_agreement)
 
+    def _options(self) -> dict[str, str]:
+        options = self.config.canonical(self.codecs, self.scheduler, self.a2a)
+        options["layer"] = f"MoE layer #{self.layer_index} built on this EP group"
+        return options
+
+    def _wants_ragged(self) -> bool:
+        cfg = self.config
+        return cfg.ragged and (cfg.capacity_factor <= 0 or self.group.size == 1
+                               or not self.codecs.uses_feedback)
+
+    def _key(self) -> tuple:
+        """What the options are read from; a different key means an option changed. The
+        describe() calls (~3 us) also catch a scheduler, codec or A2A changed in place."""
+        return (self._changes, self.config.__dict__.get("version"),
+                *(obj.describe() for obj in self._live()))
+
+    def _live(self) -> tuple[Scheduler, CodecSet, A2AAlgorithm]:
+        return self.scheduler, self.codecs, self.a2a
+
+    def _snapshot(self) -> tuple:
+        return tuple(copy.copy(obj) for obj in self._live())
+
+    def _as_ran(self) -> tuple:
+        """The scheduler, codecs and A2A as the last call ran them: the objects themselves
+        (their state as the other ranks' is), or the copies if they were changed in place."""
+        objects, copies = self._ran
+        return tuple(obj if obj.describe() == then.describe() else then
+                     for obj, then in zip(objects, copies))
+
+    def _refresh(self) -> None:
+        """Re-read the options if one changed since the last call: rebuild the scheduler,
+        codecs or A2A whose config field changed, put the new options in the agreement (which
+        compares them across the ranks at this call) and refuse changes to FIXED_OPTIONS."""
+        self._call_key = self._key()
+        if self._call_key == self._options_key:
+            return
+        cfg = self.config
+        built, now = self._built_from, _sources(cfg)
+        if not _same(now["scheduler"], built["scheduler"]):
+            self.scheduler = _build_scheduler(cfg.scheduler)
+        if not _same(now["codecs"], built["codecs"]):
+            self.codecs = CodecSet.build(cfg.compressor, verify=cfg.verify)
+        if not _same(now["a2a"], built["a2a"]):
+            self.a2a = _build_a2a(cfg, self.group)
+        self._built_from = now
+        options = self._options()
+        self._agreement.set_options(options)
+        cfg.validate(self.group.size)
+        fixed = [name for name in FIXED_OPTIONS if options[name] != self._fixed[name]]
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)} cannot change once the layer is built (they "
+                              "shape its parameters); build a new MoELayer instead")
+        self.ragged = self._wants_ragged()
+        self._options_key = self._call_key = self._key()
+
+    def _agree(self, local: LocalStep, device: torch.device, timer: StepRecorder) -> Agreed:
+        """The all-gathered agreement (the error-feedback codecs learn the agreed layout)."""
+        with timer("agree"):
+            agreed = self._agreement.agree(local, device, local.counts)
+        if self.codecs.uses_feedback:
+            self.codecs.observe_layout((agreed.capacity, agreed.layouts))
+        return agreed
+
     def _exchange(self, x: torch.Tensor, local: LocalStep, routed: tuple, agreed: Agreed,
-                  timer: StepRecorder, recompute: bool, rider: Rider | None = None
-                  ) -> tuple[DispatchPlan, torch.Tensor, StepContext]:
+                  timer: StepRecorder, recompute: bool, rider: Rider | None = None,
+                  running: tuple | None = None) -> tuple[DispatchPlan, torch.Tensor, StepContext]:
         """Encode at the agreed (or guessed) capacity and run the scheduler. A rank whose own
         state does not fit a guess sends zeros of the guessed shape: the rider's check then
-        raises on every rank before anything is decoded."""
+        raises on every rank before anything is decoded. `running`: the (scheduler, codecs,
+        A2A) to send through, if not the live ones."""
         cfg = self.config
+        scheduler, codecs, a2a = running or (self.scheduler, self.codecs, self.a2a)
         capacity = agreed.capacity
         routing, slot_TK, counts_E = routed
         fits = (local.problem == OK and local.limit <= capacity and local.dtype == agreed.dtype
@@ -363,11 +472,11 @@ class MoELayer(nn.Module):
         else:
             layout = PaddedLayout(capacity)
             x_WECM = x_ECM.view(world, local_experts, capacity, cfg.model_dim)
-        ctx = StepContext(self.experts, self.a2a, self.codecs, timer, layout,
+        ctx = StepContext(self.experts, a2a, codecs, timer, layout,
                           recompute=recompute, rider=rider, shared=shared)
-        y_WECM = self.scheduler.run(x_WECM, ctx)
+        y_WECM = scheduler.run(x_WECM, ctx)
         if rider is not None and rider.agreed is None:
-            raise ConfigError(f"{self.scheduler.describe()} sets carries_agreement but sent no "
+            raise ConfigError(f"{scheduler.describe()} sets carries_agreement but sent no "
                               "dispatch through ctx.dispatch or ctx.start_dispatch")
         if plan is None:
             raise AssertionError("a rank that sent a placeholder passed the agreement")
@@ -379,6 +488,11 @@ class MoELayer(nn.Module):
         failure is recorded for the agreement, which raises it on every rank."""
         cfg = self.config
         local = self._check_input(x, device)
+        try:
+            self._refresh()
+        except Exception as exc:  # a bad new option: raised on every rank by the agreement
+            if local.problem == OK:
+                local.problem, local.error = FAILED, exc
         if self.ragged:
             local.counts = [0] * cfg.num_experts
         if local.problem != OK:
@@ -434,6 +548,28 @@ class MoELayer(nn.Module):
                 f"({self.num_local_experts} local), hidden_dim={c.hidden_dim}, top_k={c.top_k}, "
                 f"capacity_factor={c.capacity_factor}, a2a={canonical(c.a2a, 'a2a')}, "
                 f"compressor={self.codecs.describe()}, scheduler={self.scheduler.describe()}")
+
+
+def _build_scheduler(spec: str | type | Scheduler) -> Scheduler:
+    return spec if isinstance(spec, Scheduler) else registry("scheduler").resolve(spec)()
+
+
+def _build_a2a(cfg: MoEConfig, group: EPGroup) -> A2AAlgorithm:
+    return registry("a2a").resolve(cfg.a2a)(group, cfg.local_size)
+
+
+def _sources(cfg: MoEConfig) -> dict[str, object]:
+    """The config values the scheduler, codecs and A2A are built from."""
+    return {"scheduler": cfg.scheduler, "codecs": (cfg.compressor, cfg.verify),
+            "a2a": (cfg.a2a, cfg.local_size)}
+
+
+def _same(a: object, b: object) -> bool:
+    """The same value: the same object, or equal plain values (a new instance differs)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    plain = (str, int, float, bool, type(None), dict)
+    return a is b or (type(a) is type(b) and isinstance(a, plain) and a == b)
 
 
 _LAYERS_BUILT: dict[tuple[int, ...], int] = {}  # EP group (global ranks) -> layers built on it

@@ -51,6 +51,10 @@ class A2AAlgorithm(ABC):
         self.local_size = local_size
         self._topology: Topology | None = None
 
+    def describe(self) -> str:
+        """Class and settings: a change in place shows here (the layer re-reads it)."""
+        return f"{type(self).__name__}(local_size={self.local_size})"
+
     @property
     def topology(self) -> Topology:
         """Node layout and sub-communicators, created on first use (a collective step)."""

@@ -9,6 +9,20 @@ Legend: W ranks = EDP x EP (parallel/mesh.py).
     sync.finish()
     optimizer.step(); optimizer.zero_grad()
 
+A step that raised on a rank (a typed error of its MoE layers, raised on every rank of its EP
+group, say) is dropped there with `sync.discard()` instead of `finish()`. A last, one-element
+chunk, sent by `finish()` or `discard()` only, counts the ranks that dropped the step: if any
+did, `finish()` drops it too (the gradients become None, so `optimizer.step()` changes
+nothing) and returns False. Either way the next step starts clean.
+
+    try:
+        loss.backward()
+        if sync.finish():
+            optimizer.step()
+    except SchedMoEError:
+        sync.discard()
+    optimizer.zero_grad()
+
 The dense parameters, in reverse order of registration (about the order backward produces
 their gradients), are cut into chunks of `chunk_bytes` (a large parameter spans several). A
 chunk is ready once each parameter in it has received its gradient from each of the step's
@@ -63,12 +77,13 @@ class GradSync:
         params = [p for p in model.parameters() if p.requires_grad]
         experts = ExpertMap(model)
         self.experts = [p for p in params if p in experts]
-        dense = [p for p in params if p not in experts]
+        self.dense = dense = [p for p in params if p not in experts]
         ranks = dist.get_process_group_ranks(layout.dp_group)
         self.group = dist.new_group(ranks, backend=dist.get_backend(layout.dp_group))
         broadcast_parameters(dense, ranks[0], self.group)  # start equal, as DDP does
         broadcast_experts(self.experts, layout)
-        self.chunks = _cut(dense[::-1], chunk_bytes)
+        # The last chunk holds no gradient: it counts the ranks that dropped the step.
+        self.chunks = _cut(dense[::-1], chunk_bytes) + [_Chunk([])]
         self._chunks_of: dict[int, list[_Chunk]] = {}
         for chunk in self.chunks:
             for p, _, _ in chunk.pieces:
@@ -83,18 +98,30 @@ class GradSync:
             if chunk.flat is not None:
                 raise ConfigError(
                     "a gradient arrived after its chunk was sent: GradSync(micro_batches="
-                    f"{self.micro_batches}) must equal the backward passes per step, and "
-                    "finish() must follow the last of them")
+                    f"{self.micro_batches}) must equal the backward passes per step, "
+                    "finish() must follow the last of them, and a step that raised must be "
+                    "dropped with discard() before the next one")
             chunk.arrived += 1
             if chunk.arrived == len(chunk.pieces) * self.micro_batches:
                 self._ready(chunk)
         self._pump()
 
-    def _ready(self, chunk: _Chunk) -> None:
-        for p, _, _ in chunk.pieces:
+    def _ready(self, chunk: _Chunk, dropped: bool = False) -> None:
+        """The chunk's gradients, flat (zeros if `dropped`); the last chunk: 1 if this rank
+        dropped the step, else 0."""
+        if chunk is self.chunks[-1]:
+            like = self.dense[0] if self.dense else torch.zeros(())
+            chunk.flat = like.new_full((1,), float(dropped), dtype=torch.float32)
+            return
+        pieces = []
+        for p, lo, hi in chunk.pieces:
+            if dropped:
+                pieces.append(p.new_zeros(hi - lo))
+                continue
             if p.grad is None:  # no gradient this step (unused): zeros, so the ranks match
                 p.grad = torch.zeros_like(p)
-        chunk.flat = torch.cat([p.grad.view(-1)[lo:hi] for p, lo, hi in chunk.pieces])
+            pieces.append(p.grad.view(-1)[lo:hi])
+        chunk.flat = torch.cat(pieces)
 
     def _pump(self) -> None:
         """Send the next chunks, if ready, while the link is free of exchanges and the window
@@ -112,24 +139,53 @@ class GradSync:
         self._next += 1
 
     @torch.no_grad()
-    def finish(self) -> None:
-        """Send what is left, wait for every chunk, write the results into `.grad`."""
-        while self._next < len(self.chunks):
-            if self.chunks[self._next].flat is None:
-                self._ready(self.chunks[self._next])
-            self._send_next()
+    def finish(self) -> bool:
+        """Send what is left, wait for every chunk, write the results into `.grad`; True. If
+        a rank dropped the step (`discard()`), drop it here too: gradients None, False."""
+        if self._complete(dropped=False):
+            return False
         scale = 1.0 / self.layout.world_size
         for chunk in self.chunks:
-            chunk.work.wait()
             chunk.flat.mul_(scale)
             at = 0
             for p, lo, hi in chunk.pieces:
                 p.grad.view(-1)[lo:hi].copy_(chunk.flat[at:at + hi - lo])
                 at += hi - lo
+        self._reset()
+        reduce_expert_grads(self.experts, self.layout)
+        return True
+
+    @torch.no_grad()
+    def discard(self) -> None:
+        """Drop this step here (it raised on this rank, between its first forward and
+        `finish()`): the chunks not yet sent go out as zeros, so that the ranks' all-reduces
+        stay paired whatever each had sent, and tell the others (their `finish()` drops the
+        step too); the gradients become None and the next step starts clean."""
+        self._complete(dropped=True)
+
+    def _complete(self, dropped: bool) -> bool:
+        """Send the chunks not yet sent and wait for all; whether any rank dropped the step
+        (then the gradients are dropped here too and the state reset)."""
+        while self._next < len(self.chunks):
+            chunk = self.chunks[self._next]
+            if dropped or chunk.flat is None:
+                self._ready(chunk, dropped)
+            self._send_next()
+        for chunk in self.chunks:
+            chunk.work.wait()
+        # A host sync on GPUs, which the algorithm needs: whether to write the gradients.
+        if not dropped and float(self.chunks[-1].flat[-1]) == 0:
+            return False
+        self._reset()
+        for p in self.dense + self.experts:
+            p.grad = None
+        return True
+
+    def _reset(self) -> None:
+        for chunk in self.chunks:
             chunk.arrived, chunk.flat, chunk.work = 0, None, None
         self._in_flight.clear()
         self._next = 0
-        reduce_expert_grads(self.experts, self.layout)
 
     def close(self) -> None:
         """Stop listening to the model's gradients and the link."""
