@@ -39,7 +39,7 @@ def worker(out_path: str, reps: int) -> None:
     """One rank, launched by torchrun inside a node namespace."""
     import torch
     import torch.distributed as dist
-    from schedmoe.distributed import EPGroup
+    from schedmoe.comm.groups import EPGroup
     from schedmoe.registry import registry
 
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def worker(out_path: str, reps: int) -> None:
 
 
 def run_layout(nodes: int, ranks: int, rate: str, reps: int) -> dict:
-    from schedmoe.emulate import ClusterSpec, EmulatedCluster
+    from schedmoe.tools.emulate import ClusterSpec, EmulatedCluster
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "times.json")

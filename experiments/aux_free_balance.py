@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from schedmoe.routers import GroupLimitedSigmoidRouter, update_balancing_biases
+from schedmoe.routing import GroupLimitedSigmoidRouter, update_balancing_biases
 
 RESULTS = Path(__file__).resolve().parent / "results"
 M, E, K, TOKENS, STEPS = 32, 16, 2, 4096, 400

@@ -35,7 +35,7 @@ def measure(rank: int, world: int, root: str, rounds: int) -> dict:
 
     import schedmoe.parallel as par
     from schedmoe.parallel.checkpoint import _state
-    from schedmoe.train.model import MoELM, lm_loss
+    from schedmoe.tools.train.model import MoELM, lm_loss
 
     layout = par.init_parallel(world)
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def measure(rank: int, world: int, root: str, rounds: int) -> dict:
 
 
 def main() -> None:
-    from schedmoe.testing import run_ranks
+    from schedmoe.tools.testing import run_ranks
 
     rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     with tempfile.TemporaryDirectory() as root:

@@ -64,7 +64,7 @@ def payloads() -> dict[str, torch.Tensor]:
 
 def measure_codec(name: str, x: torch.Tensor, reps: int = 5) -> dict:
     from schedmoe.ops import SliceSpec
-    from schedmoe.ops.codec_set import make_codec
+    from schedmoe.ops.codecs.codec_set import make_codec
 
     codec = make_codec(name)
     spec = SliceSpec(tuple(x.shape[1:]), x.dtype)
@@ -100,10 +100,10 @@ def part_codecs() -> dict:
 
 def a2a_worker(out_path: str, reps: int) -> None:
     import torch.distributed as dist
-    from schedmoe.distributed import EPGroup
-    from schedmoe.exchange import send
-    from schedmoe.ops.codec_set import make_codec
-    from schedmoe.recorder import StepRecorder
+    from schedmoe.comm.groups import EPGroup
+    from schedmoe.exchange.send import send
+    from schedmoe.ops.codecs.codec_set import make_codec
+    from schedmoe.control.recorder import StepRecorder
     from schedmoe.registry import registry
 
     torch.set_num_threads(1)
@@ -139,7 +139,7 @@ def a2a_worker(out_path: str, reps: int) -> None:
 
 
 def part_a2a(reps: int) -> dict:
-    from schedmoe.emulate import ClusterSpec, EmulatedCluster
+    from schedmoe.tools.emulate import ClusterSpec, EmulatedCluster
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "a2a.json")

@@ -35,7 +35,7 @@ VARIANTS = ("rider", "collective", "bypassed")
 
 def agreement_rank(rank: int, world: int, tokens: int, steps: int) -> dict:
     import schedmoe
-    from schedmoe.agreement import Agreed
+    from schedmoe.control.agreement import Agreed
 
     torch.manual_seed(0)
     layer = schedmoe.MoELayer(512, 8, 1024, 2, 1.25)
@@ -72,7 +72,7 @@ def agreement_rank(rank: int, world: int, tokens: int, steps: int) -> dict:
 
 
 def agreement_cost(tokens: int = 256, steps: int = 150) -> dict:
-    from schedmoe.testing import run_ranks
+    from schedmoe.tools.testing import run_ranks
 
     times = run_ranks(agreement_rank, 4, tokens, steps, timeout=900)[0]  # slowest-rank steps
     step = {name: statistics.median(times[name]) for name in VARIANTS}
@@ -93,8 +93,8 @@ def agreement_cost(tokens: int = 256, steps: int = 150) -> dict:
 
 
 def checksum_cost(repeats: int = 15) -> list[dict]:
-    from schedmoe.ops.codec_set import CodecSet
-    from schedmoe.ops.compressor import SliceSpec
+    from schedmoe.ops.codecs.codec_set import CodecSet
+    from schedmoe.ops.codecs.compressor import SliceSpec
 
     torch.set_num_threads(1)
     x = torch.randn(4, 2, 320, 512, generator=torch.Generator().manual_seed(0))

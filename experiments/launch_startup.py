@@ -5,7 +5,7 @@ imported torch and schedmoe once) against Python's "spawn" (every rank imports t
 
 Each round starts 4 gloo ranks that do one all-reduce and return, once per start method,
 interleaved; the fork server's first call (which starts the server) is reported apart. Medians
-of the wall time of `schedmoe.launch.spawn`. Writes experiments/results/launch_startup.json.
+of the wall time of `schedmoe.tools.launch.spawn`. Writes experiments/results/launch_startup.json.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def one_all_reduce(rank: int, world: int) -> float:
 
 
 def timed(method: str) -> float:
-    from schedmoe import launch
+    from schedmoe.tools import launch
 
     real = mp.get_context
     with mock.patch.object(launch.mp, "get_context",

@@ -36,7 +36,7 @@ def worker(out_path: str) -> None:
     import schedmoe
     from schedmoe.registry import registry
     from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler, StepClock
-    from schedmoe.topology import release
+    from schedmoe.comm.topology import release
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -106,7 +106,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker)
         return
-    from schedmoe.emulate import ClusterSpec, EmulatedCluster
+    from schedmoe.tools.emulate import ClusterSpec, EmulatedCluster
 
     spec = ClusterSpec(nodes=2, ranks_per_node=1, rate="1gbit", pin_cores=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,8 +45,8 @@ def worker(out_path: str) -> None:
     import schedmoe.parallel as par
     from schedmoe.overlap import GradSync, interleaved_step
     from schedmoe.schedulers import PipelineScheduler, SequentialScheduler
-    from schedmoe.topology import release
-    from schedmoe.train.model import MoELM, lm_loss
+    from schedmoe.comm.topology import release
+    from schedmoe.tools.train.model import MoELM, lm_loss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -161,7 +161,7 @@ def main() -> None:
     if args.worker:
         worker(args.worker)
         return
-    from schedmoe.emulate import ClusterSpec, EmulatedCluster
+    from schedmoe.tools.emulate import ClusterSpec, EmulatedCluster
 
     spec = ClusterSpec(nodes=2, ranks_per_node=1, rate=args.rate, pin_cores=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import schedmoe
-from schedmoe.launch import spawn
+from schedmoe.tools.launch import spawn
 
 M, H, E, K, CF, REPS, STEPS = 512, 1024, 8, 2, 1.25, 3, 16
 WORKLOADS = [("W=1, T=4096", 1, 4096), ("loopback 4 ranks, T=256", 4, 256),

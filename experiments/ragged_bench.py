@@ -88,7 +88,7 @@ def memory_rank(rank: int, world: int, ragged: bool) -> float:
 
 
 def main() -> None:
-    from schedmoe.testing import run_ranks
+    from schedmoe.tools.testing import run_ranks
 
     per_rank = run_ranks(timing_rank, WORLD, 10, timeout=1200)
     times, stats = per_rank[0]["times"], [r["stats"] for r in per_rank]

@@ -72,7 +72,7 @@ def worker(out_path: str, steps: int, workload_ids: list[int]) -> None:
     import schedmoe
     from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
     from schedmoe.schedulers.adaptive import PROFILE_DEGREES
-    from schedmoe.topology import release as release_groups
+    from schedmoe.comm.topology import release as release_groups
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -265,7 +265,7 @@ def describe(layout: str) -> str:
 
 
 def run_workloads(ids: list[int], steps: int, layout: str) -> list[dict]:
-    from schedmoe.emulate import ClusterSpec, EmulatedCluster
+    from schedmoe.tools.emulate import ClusterSpec, EmulatedCluster
 
     nodes, ranks, pinned = LAYOUTS[layout]
     spec = ClusterSpec(nodes=nodes, ranks_per_node=ranks, rate="1gbit", pin_cores=pinned)

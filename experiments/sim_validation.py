@@ -59,7 +59,7 @@ def worker(out_path: str, rounds: int, steps: int) -> None:
 
     import schedmoe
     from schedmoe.schedulers import PipelineScheduler
-    from schedmoe.topology import release as release_groups
+    from schedmoe.comm.topology import release as release_groups
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -103,7 +103,7 @@ def worker(out_path: str, rounds: int, steps: int) -> None:
 
 
 def measure(layout: str, rounds: int, steps: int) -> list[dict]:
-    from schedmoe.emulate import ClusterSpec, EmulatedCluster
+    from schedmoe.tools.emulate import ClusterSpec, EmulatedCluster
 
     nodes, ranks, pinned = LAYOUTS[layout]
     spec = ClusterSpec(nodes=nodes, ranks_per_node=ranks, rate=RATE, pin_cores=pinned)

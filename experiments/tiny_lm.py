@@ -1,4 +1,4 @@
-"""A tiny character-level MoE language model (`schedmoe.train.model.MoELM`) on a corpus that
+"""A tiny character-level MoE language model (`schedmoe.tools.train.model.MoELM`) on a corpus that
 ships with Python (stdlib source), single process.
 
 Used by the compression experiment's convergence check; deterministic for a given seed.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from schedmoe.train.data import corpus
-from schedmoe.train.model import MoELM as TinyLM
+from schedmoe.tools.train.data import corpus
+from schedmoe.tools.train.model import MoELM as TinyLM
 
 
 def train(compressor, steps: int = 300, seed: int = 0, batch: int = 16, seq: int = 64,

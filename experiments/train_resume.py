@@ -18,14 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from schedmoe.train.run import save_curve
+from schedmoe.tools.train.run import save_curve
 
 OUT = Path(__file__).parent / "results"
 STEPS, KILL_AT, RANKS, EP_BEFORE, EP_AFTER = 200, 120, 4, 4, 2
 
 
 def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "schedmoe.cli", "train", "--steps", str(STEPS),
+    return [sys.executable, "-m", "schedmoe.tools.cli", "train", "--steps", str(STEPS),
             "--ranks", str(RANKS), *args]
 
 

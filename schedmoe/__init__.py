@@ -5,11 +5,13 @@
     loss = task_loss + 0.01 * y.l_aux
 """
 
-from . import a2a_algos, ops, routers, schedulers  # noqa: F401  (registers the built-ins)
+from . import a2a_algos, ops, routing, schedulers  # noqa: F401  (registers the built-ins)
 from .errors import (A2AError, ConfigError, ConfigMismatchError, InputError, PeerError,
                      RankError, RegistryError, SchedMoEError, StepError,
                      UnsupportedModelError)
-from .layer import LayerStats, MoEConfig, MoELayer
+from .control.options import MoEConfig
+from .control.stats import LayerStats
+from .layer import MoELayer
 from .parallel.identity import expert_parameters, non_expert_parameters
 from .registry import (register_a2a, register_compressor, register_expert, register_gate,
                        register_scheduler, registry)

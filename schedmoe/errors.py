@@ -39,7 +39,8 @@ class StepError(SchedMoEError, RuntimeError):
 
 
 class RankError(SchedMoEError):
-    """One or more ranks spawned by schedmoe.launch failed; the message holds their tracebacks."""
+    """One or more ranks spawned by schedmoe.tools.launch failed; the message holds their
+    tracebacks."""
 
 
 class UnsupportedModelError(SchedMoEError, TypeError):

@@ -124,11 +124,11 @@ class Registry(Generic[T]):
 
 
 _REGISTRIES = {
-    "compressor": Registry("compressor", "schedmoe.ops.compressor:Compressor"),
+    "compressor": Registry("compressor", "schedmoe.ops.codecs.compressor:Compressor"),
     "a2a": Registry("a2a", "schedmoe.a2a_algos.base:A2AAlgorithm"),
-    "expert": Registry("expert", "schedmoe.ops.experts:Expert"),
+    "expert": Registry("expert", "schedmoe.ops.experts.forms:Expert"),
     "scheduler": Registry("scheduler", "schedmoe.schedulers.base:Scheduler"),
-    "gate": Registry("gate", "schedmoe.routers.base:Router"),
+    "gate": Registry("gate", "schedmoe.routing.base:Router"),
 }
 
 

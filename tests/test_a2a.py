@@ -7,12 +7,12 @@ import torch
 import torch.distributed as dist
 
 from schedmoe.a2a_algos import all_to_all
-from schedmoe.distributed import EPGroup
+from schedmoe.comm.groups import EPGroup
 from schedmoe.errors import A2AError
 from schedmoe.registry import registry
-from schedmoe.testing import run_ranks
-from schedmoe import topology as topology_module
-from schedmoe.topology import release, topology
+from schedmoe.tools.testing import run_ranks
+from schedmoe.comm import topology as topology_module
+from schedmoe.comm.topology import release, topology
 
 DTYPES = [torch.float32, torch.bfloat16, torch.uint8]
 
@@ -179,7 +179,7 @@ def test_nodes_come_from_hosts_and_strided_groups_get_the_right_nodes():
 
 def test_uneven_nodes_are_refused():
     from schedmoe.errors import ConfigError
-    from schedmoe.topology import node_order
+    from schedmoe.comm.topology import node_order
     with pytest.raises(ConfigError, match="unevenly"):
         node_order(["a", "a", "b"], [0, 1, 2])
     with pytest.raises(ConfigError, match="same order"):

@@ -10,7 +10,7 @@ import torch
 import schedmoe
 from schedmoe.errors import ConfigError
 from schedmoe.schedulers import AdaptiveScheduler
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, E, H = 16, 8, 24
 

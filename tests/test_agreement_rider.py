@@ -15,9 +15,9 @@ import torch
 import schedmoe
 from schedmoe.errors import InputError, StepError
 from schedmoe.registry import register_gate
-from schedmoe.routers import TopKRouter
+from schedmoe.routing import TopKRouter
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, E, H, T = 8, 4, 16, 12
 

@@ -25,9 +25,9 @@ import schedmoe.parallel as par
 from schedmoe.errors import CheckpointError
 from schedmoe.overlap import GradSync
 from schedmoe.schedulers import AdaptiveScheduler
-from schedmoe.testing import run_ranks
-from schedmoe.train.data import CharCorpus, shard
-from schedmoe.train.model import Block, lm_loss
+from schedmoe.tools.testing import run_ranks
+from schedmoe.tools.train.data import CharCorpus, shard
+from schedmoe.tools.train.model import Block, lm_loss
 
 from test_parallel import AUX, BATCH, LR, SEQ, build
 
@@ -334,7 +334,7 @@ def test_damaged_checkpoints_raise_checkpoint_error_on_every_rank_and_load_nothi
 
 def _inner_wrappers(how: str) -> nn.Module:
     """A single-process MoE LM with wrappers inside it (and around it)."""
-    from schedmoe.train.model import MoELM
+    from schedmoe.tools.train.model import MoELM
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import offload_wrapper
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import sys
 def test_bench_prints_table_and_saves_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "schedmoe.cli", "bench", "--ranks", "2", "--tokens", "64",
+        [sys.executable, "-m", "schedmoe.tools.cli", "bench", "--ranks", "2", "--tokens", "64",
          "--model-dim", "32", "--hidden-dim", "64", "--num-experts", "4", "--steps", "3",
          "--warmup", "1", "--capacity-factor", "0.5", "--json", str(out)],
         capture_output=True, text=True, timeout=180)
@@ -31,6 +31,6 @@ def test_bench_prints_table_and_saves_json(tmp_path):
 
 
 def test_bench_rejects_bad_option():
-    proc = subprocess.run([sys.executable, "-m", "schedmoe.cli", "bench", "--top-k", "x"],
+    proc = subprocess.run([sys.executable, "-m", "schedmoe.tools.cli", "bench", "--top-k", "x"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "invalid int value" in proc.stderr

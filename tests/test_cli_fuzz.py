@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import schedmoe.launch
-from schedmoe.bench import BenchConfig
-from schedmoe.cli import main
+import schedmoe.tools.launch
+from schedmoe.tools.bench import BenchConfig
+from schedmoe.tools.cli import main
 from schedmoe.sim import Cluster, Workload
-from schedmoe.train.run import TrainConfig
+from schedmoe.tools.train.run import TrainConfig
 
 WORDS = st.sampled_from(["nan", "inf", "-inf", "1e309", "0", "-0", "-1", "1", "2", "7", "64",
                          "1e-300", "", "nope", "none", "nccl", "int8", "pipeline", "1-16",
@@ -41,8 +41,8 @@ def no_ranks(monkeypatch):
     def launcher(*_args, **_kwargs):
         raise Spawned
 
-    monkeypatch.setattr(schedmoe.launch, "run_ranks_here", launcher)
-    monkeypatch.setattr(schedmoe.launch, "spawn", launcher)
+    monkeypatch.setattr(schedmoe.tools.launch, "run_ranks_here", launcher)
+    monkeypatch.setattr(schedmoe.tools.launch, "spawn", launcher)
 
 
 def exit_code(argv: list[str], capsys) -> int:

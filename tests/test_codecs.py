@@ -14,8 +14,8 @@ from hypothesis.extra.numpy import arrays
 
 from schedmoe.errors import ConfigError
 from schedmoe.ops import CorruptPayloadError, SliceSpec, Wire
-from schedmoe.ops.codec_set import CodecSet, ErrorFeedback, make_codec
-from schedmoe.ops.compressor import HEADER_BYTES
+from schedmoe.ops.codecs.codec_set import CodecSet, ErrorFeedback, make_codec
+from schedmoe.ops.codecs.compressor import HEADER_BYTES
 
 LOSSLESS = ["none", "zstd"]
 LOSSY = ["fp16", "bf16", "int8", "fp8"]
@@ -155,7 +155,7 @@ def test_zstd_corrupt_frame_and_hostile_sizes():
         codec.decompress(Wire(bad, wire.sizes), spec)
     # Frames that expand far beyond what the header allows: 256 MiB of zeros (a few KiB on the
     # wire), with and without a declared content size. Decoding stops at spec.nbytes.
-    from schedmoe.ops.compressor import header_bytes
+    from schedmoe.ops.codecs.compressor import header_bytes
     for declare in (True, False):
         cctx = zstandard.ZstdCompressor(write_content_size=declare)
         bomb = cctx.compress(bytes(256 << 20)) if declare else \

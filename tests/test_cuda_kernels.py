@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from schedmoe.ops import SliceSpec, Wire
-from schedmoe.ops import cuda_kernels
-from schedmoe.ops.codec_set import make_codec
-from schedmoe.ops.compressor import HEADER_BYTES
+from schedmoe.ops.codecs import cuda_kernels
+from schedmoe.ops.codecs.codec_set import make_codec
+from schedmoe.ops.codecs.compressor import HEADER_BYTES
 
 HOST_SHIM = r"""
 #include <cmath>

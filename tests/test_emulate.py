@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from schedmoe import emulate
+from schedmoe.tools import emulate
 
 REASON = emulate.can_emulate()
 
@@ -33,7 +33,7 @@ def test_bench_on_emulated_two_nodes(tmp_path, a2a):
     before = namespaces()
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "schedmoe.cli", "bench", "--emulate-nodes", "2", "--ranks", "2",
+        [sys.executable, "-m", "schedmoe.tools.cli", "bench", "--emulate-nodes", "2", "--ranks", "2",
          "--inter-node-rate", "500mbit", "--tokens", "64", "--model-dim", "32",
          "--hidden-dim", "64", "--num-experts", "4", "--steps", "2", "--warmup", "1",
          "--a2a", a2a, "--json", str(out), "--timeout", "120"],
@@ -65,7 +65,7 @@ def test_pipelined_trace_overlaps_a2a_with_experts(tmp_path):
     """Chunk i+1's exchanges are in flight while chunk i's experts run, forward and backward."""
     prefix = tmp_path / "trace"
     proc = subprocess.run(
-        [sys.executable, "-m", "schedmoe.cli", "bench", "--emulate-nodes", "2", "--ranks", "2",
+        [sys.executable, "-m", "schedmoe.tools.cli", "bench", "--emulate-nodes", "2", "--ranks", "2",
          "--inter-node-rate", "500mbit", "--tokens", "256", "--model-dim", "64",
          "--hidden-dim", "128", "--num-experts", "4", "--steps", "1", "--warmup", "1",
          "--scheduler", "pipeline", "--degree", "3", "--trace", str(prefix),

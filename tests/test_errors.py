@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import schedmoe
 from schedmoe.errors import ConfigError, ConfigMismatchError, InputError, PeerError, RankError
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, E, H = 8, 4, 16
 

@@ -17,12 +17,12 @@ from torch.utils.checkpoint import checkpoint
 
 import schedmoe
 from schedmoe.errors import ConfigMismatchError, InputError, StepError
-from schedmoe.ops.codec_set import CodecSet, ErrorFeedback, make_codec
-from schedmoe.ops.compressor import CorruptPayloadError, SliceSpec, Wire
+from schedmoe.ops.codecs.codec_set import CodecSet, ErrorFeedback, make_codec
+from schedmoe.ops.codecs.compressor import CorruptPayloadError, SliceSpec, Wire
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
-from schedmoe.routers import TopKRouter
+from schedmoe.routing import TopKRouter
 from schedmoe.registry import register_gate
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, E, H, T = 8, 4, 16, 12
 
@@ -152,8 +152,8 @@ def test_callable_without_identity_is_refused():
 
 BOMB_SCRIPT = textwrap.dedent("""
     import resource, sys, torch, zstandard
-    from schedmoe.ops.compressor import CorruptPayloadError, SliceSpec, Wire, header_bytes
-    from schedmoe.ops.zstd import ZstdCodec
+    from schedmoe.ops.codecs.compressor import CorruptPayloadError, SliceSpec, Wire, header_bytes
+    from schedmoe.ops.codecs.zstd import ZstdCodec
     codec = ZstdCodec()
     spec = SliceSpec((256, 256), torch.float32)  # 256 KiB expected
     def attempt(frame):

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 import schedmoe  # noqa: E402
 import schedmoe.hf as hf  # noqa: E402
 from schedmoe.hf.families import FAMILIES as BLOCKS, expert_tensors, shared_tensors  # noqa: E402
-from schedmoe.testing import run_ranks  # noqa: E402
+from schedmoe.tools.testing import run_ranks  # noqa: E402
 
 from hf_models import FAMILIES, tiny_model, token_ids  # noqa: E402
 

@@ -14,8 +14,8 @@ import pytest
 import torch.distributed as dist
 
 from schedmoe.errors import RankError
-from schedmoe.launch import spawn
-from schedmoe.testing import run_ranks
+from schedmoe.tools.launch import spawn
+from schedmoe.tools.testing import run_ranks
 
 
 def returns_rank(rank: int, world: int, offset: int):
@@ -104,7 +104,7 @@ def sleeper(rank: int, world: int, directory: str):
 
 LAUNCHER = """
 import sys
-from schedmoe.launch import spawn
+from schedmoe.tools.launch import spawn
 from test_launch import sleeper
 spawn(sleeper, 3, (sys.argv[1],), timeout=600)
 """

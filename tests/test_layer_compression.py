@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import schedmoe
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, E, H = 64, 8, 32
 # Largest relative error (max |a - b| / max |b|) allowed for output and gradients, per codec:

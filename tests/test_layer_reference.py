@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 import schedmoe
 from reference import dense_moe
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, H, E = 8, 12, 8
 LOSS_AUX = 0.3

@@ -12,8 +12,8 @@ import schedmoe.parallel as par
 from schedmoe.errors import ConfigError
 from schedmoe.overlap import GradSync, interleaved_step, link, turns
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
-from schedmoe.testing import run_ranks
-from schedmoe.train.model import MoELM
+from schedmoe.tools.testing import run_ranks
+from schedmoe.tools.train.model import MoELM
 
 VOCAB, DIM, SEQ = 50, 16, 8
 

@@ -19,9 +19,9 @@ from torch.distributed.tensor import DTensor
 import schedmoe.parallel as par
 from schedmoe.errors import CheckpointError, ConfigError
 from schedmoe.overlap import GradSync, interleaved_step
-from schedmoe.testing import run_ranks
-from schedmoe.train.data import CharCorpus, shard
-from schedmoe.train.model import MoELM, lm_loss
+from schedmoe.tools.testing import run_ranks
+from schedmoe.tools.train.data import CharCorpus, shard
+from schedmoe.tools.train.model import MoELM, lm_loss
 
 DIM, LAYERS, HEADS, SEQ, HIDDEN, EXPERTS, TOP_K, BATCH = 16, 2, 2, 16, 32, 8, 2, 8
 AUX, LR, CLIP, STEPS = 0.01, 1e-3, 0.5, 10

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import schedmoe
-from schedmoe.layout import RaggedLayout
+from schedmoe.plan.layout import RaggedLayout
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, E, H = 8, 8, 16
 
@@ -102,7 +102,7 @@ def test_layout_chunks_every_segment_alike():
 def test_custom_expert_without_per_expert_form_is_padded_per_group():
     """An expert plugin with only `forward` still runs ragged: its groups are padded to the
     largest local group, never to the group-wide capacity."""
-    from schedmoe.ops.experts import FFNExpert
+    from schedmoe.ops.experts.forms import FFNExpert
 
     class Plain(FFNExpert):
         form_of = FFNExpert.form
@@ -123,7 +123,7 @@ def test_custom_expert_without_per_expert_form_is_padded_per_group():
 @pytest.mark.parametrize("grouped", [True, False])
 def test_ragged_experts_grouped_and_per_expert_agree(grouped, monkeypatch):
     """torch._grouped_mm (aligned shapes) and per-expert GEMMs give the same rows and grads."""
-    from schedmoe.ops.experts import SwiGLUExpert
+    from schedmoe.ops.experts.forms import SwiGLUExpert
 
     torch.manual_seed(0)
     expert = SwiGLUExpert(4, 8, 12, bias=True, fused=True)

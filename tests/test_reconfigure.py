@@ -15,9 +15,9 @@ import torch
 
 import schedmoe
 from schedmoe.errors import ConfigMismatchError, StepError
-from schedmoe.ops.codec_set import CodecSet
+from schedmoe.ops.codecs.codec_set import CodecSet
 from schedmoe.schedulers import PipelineScheduler
-from schedmoe.testing import run_ranks
+from schedmoe.tools.testing import run_ranks
 
 M, E, H, T = 8, 4, 16, 12
 PATHS = {"dropless": {"capacity_factor": 0.0},  # an all-gather every call

@@ -19,8 +19,8 @@ import schedmoe.parallel as par
 from schedmoe.errors import InputError
 from schedmoe.overlap import GradSync, interleaved_step, turns
 from schedmoe.schedulers import AdaptiveScheduler, PipelineScheduler
-from schedmoe.testing import run_ranks
-from schedmoe.train.model import MoELM
+from schedmoe.tools.testing import run_ranks
+from schedmoe.tools.train.model import MoELM
 
 VOCAB, DIM, SEQ = 50, 16, 8
 
@@ -134,10 +134,10 @@ def test_a_layer_after_a_typed_error_equals_a_clean_one(path, scheduler):
 
 
 def _fails_then_cleanup_aborts(rank: int, world: int) -> None:
-    import schedmoe.launch
+    import schedmoe.tools.launch
 
     if rank == 1:  # as when gloo aborts the process on exchanges still arriving
-        schedmoe.launch.release_groups = lambda: os.abort()
+        schedmoe.tools.launch.release_groups = lambda: os.abort()
         raise ValueError("rank 1's own error")
     torch.distributed.barrier()
 

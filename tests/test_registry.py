@@ -31,7 +31,7 @@ def test_unknown_name_lists_registered_names():
 
 
 def test_register_twice_and_wrong_type():
-    reg = Registry("compressor", "schedmoe.ops.compressor:Compressor")
+    reg = Registry("compressor", "schedmoe.ops.codecs.compressor:Compressor")
 
     @reg.register("mine")
     class Mine(schedmoe.ops.NoCompression):

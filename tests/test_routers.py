@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import schedmoe
-from schedmoe.ops.experts import ClampedGLUExpert, SwiGLUExpert
-from schedmoe.ops.shared import SharedExperts
-from schedmoe.routers import GroupLimitedSigmoidRouter, TopKRouter, TopKSoftmaxRouter
+from schedmoe.ops.experts.forms import ClampedGLUExpert, SwiGLUExpert
+from schedmoe.ops.experts.shared import SharedExperts
+from schedmoe.routing import GroupLimitedSigmoidRouter, TopKRouter, TopKSoftmaxRouter
 
 M, E = 6, 8
 
@@ -218,7 +218,7 @@ def test_balance_losses(kind):
     gen = torch.Generator().manual_seed(4)
     probs = torch.softmax(torch.randn(12, E, generator=gen), -1)
     experts = torch.topk(probs + 0.3 * torch.rand(12, E, generator=gen), 3).indices
-    got = schedmoe.routers.balance_loss(kind, probs, experts, sequences=3)
+    got = schedmoe.routing.balance_loss(kind, probs, experts, sequences=3)
     p, e = probs.tolist(), experts.tolist()
     if kind == "sequence":
         want = sum(_loss_reference(p[4 * s:4 * s + 4], e[4 * s:4 * s + 4], False)
@@ -232,7 +232,7 @@ def global_loss(rank: int, world: int) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(rank)
     probs = torch.softmax(torch.randn(10 + 3 * rank, E, generator=gen), -1)
     experts = torch.topk(probs, 2).indices
-    got = schedmoe.routers.balance_loss("global", probs, experts,
+    got = schedmoe.routing.balance_loss("global", probs, experts,
                                         group=torch.distributed.group.WORLD)
     all_experts = [None] * world
     torch.distributed.all_gather_object(all_experts, experts.tolist())
@@ -243,7 +243,7 @@ def global_loss(rank: int, world: int) -> tuple[float, float]:
 
 
 def test_global_balance_loss_counts_every_ranks_choices():
-    from schedmoe.testing import run_ranks
+    from schedmoe.tools.testing import run_ranks
     for got, want in run_ranks(global_loss, 2, timeout=60):
         assert math.isclose(got, want, rel_tol=1e-5)
 
@@ -256,7 +256,7 @@ def test_layer_uses_the_configured_balance_loss():
         layer = schedmoe.MoELayer(M, E, 5, 3, 0.0, balance_loss=kind)
         y = layer(x)
         routing = layer.gate(x.reshape(-1, M))
-        want = schedmoe.routers.balance_loss(kind, routing.probs_TE, routing.expert_TK, 3)
+        want = schedmoe.routing.balance_loss(kind, routing.probs_TE, routing.expert_TK, 3)
         torch.testing.assert_close(y.l_aux, want)
     with pytest.raises(schedmoe.ConfigError, match="balance_loss"):
         schedmoe.MoELayer(M, E, 5, balance_loss="switchy")
@@ -276,7 +276,7 @@ def test_aux_loss_free_balancing_settles_a_skewed_stream():
             router(torch.randn(4096, 32, generator=gen) + 1.5 * hot / hot.norm())
             load = router.load_E.float()
             ratios.append(float(load.max() / load.mean()))
-            assert schedmoe.routers.update_balancing_biases(router) == 1
+            assert schedmoe.routing.update_balancing_biases(router) == 1
             assert router.load_E.sum() == 0  # counts reset by the update
     assert ratios[0] > 2.5
     assert min(ratios[:150]) < 1.2
@@ -343,7 +343,7 @@ def test_simulator_places_shared_work_while_the_first_exchanges_fly():
 def test_slot_assignment_scales_without_a_one_hot():
     """65,536 tokens x 8 choices over 1,024 experts: a [K, T, E] one-hot would need 4 GiB;
     the sort-based assignment needs O(T*K + E). Slots are dense per expert, in priority order."""
-    from schedmoe.dispatch import locate
+    from schedmoe.routing.capacity import locate
 
     gen = torch.Generator().manual_seed(0)
     tokens, k, experts = 65536, 8, 1024
@@ -388,11 +388,11 @@ def biases_after_updates(rank: int, world: int) -> list[float]:
     with torch.no_grad():
         for _ in range(5):
             router(torch.randn(50 + 30 * rank, M, generator=gen) + rank)
-            schedmoe.routers.update_balancing_biases(router)
+            schedmoe.routing.update_balancing_biases(router)
     return router.score_bias_E.tolist()
 
 
 def test_balancing_biases_agree_across_replicas():
-    from schedmoe.testing import run_ranks
+    from schedmoe.tools.testing import run_ranks
     first, second = run_ranks(biases_after_updates, 2, timeout=60)
     assert first == second and any(b != 0 for b in first)

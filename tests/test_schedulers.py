@@ -8,8 +8,8 @@ import torch
 import schedmoe
 from schedmoe.errors import ConfigError
 from schedmoe.schedulers import PipelineScheduler
-from schedmoe.schedulers.base import chunk_bounds
-from schedmoe.testing import run_ranks
+from schedmoe.plan.layout import chunk_bounds
+from schedmoe.tools.testing import run_ranks
 
 M, E, H = 16, 8, 24
 DEGREES = [1, 2, 3, 4, 8]

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from schedmoe.recorder import TraceEvent
+from schedmoe.control.recorder import TraceEvent
 from schedmoe.errors import ConfigError
 from schedmoe.sim import (Cluster, CostModel, Measurement, Workload, a2a_seconds, calibrate,
                           codec_model, exchange_seconds, load_cluster, load_measurements,
                           log_errors, predict, preset_names, search, simulate)
-from schedmoe.trace import chrome_trace, save_gantt
+from schedmoe.tools.trace import chrome_trace, save_gantt
 
 TASKS = ["dispatch.compress", "dispatch.a2a", "dispatch.decompress", "experts",
          "combine.compress", "combine.a2a", "combine.decompress"]
@@ -95,7 +95,7 @@ def test_chrome_trace_and_gantt(tmp_path):
 
 def test_simulate_cli(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "schedmoe.cli", "simulate", "--nodes", "2", "--ranks-per-node",
+        [sys.executable, "-m", "schedmoe.tools.cli", "simulate", "--nodes", "2", "--ranks-per-node",
          "4", "--num-experts", "16", "--codecs", "none,fp8", "--degrees", "1,2,4", "--trace",
          str(tmp_path / "t.json"), "--gantt", str(tmp_path / "g.png"), "--json",
          str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120)
@@ -281,7 +281,7 @@ def test_simulate_cli_preset_calibrate_and_save(tmp_path):
                 "degree": m.degree, "ms": 1e3 * m.seconds} for m in _synthetic_records(truth)]
     (tmp_path / "m.json").write_text(json.dumps(records))
     proc = subprocess.run(
-        [sys.executable, "-m", "schedmoe.cli", "simulate", "--cluster", "emulated-2x2",
+        [sys.executable, "-m", "schedmoe.tools.cli", "simulate", "--cluster", "emulated-2x2",
          "--calibrate", str(tmp_path / "m.json"), "--save-cluster", str(tmp_path / "c.json"),
          "--nodes", "8", "--num-experts", "16", "--degrees", "1,2", "--codecs", "none,int8"],
         capture_output=True, text=True, timeout=600)
@@ -289,7 +289,7 @@ def test_simulate_cli_preset_calibrate_and_save(tmp_path):
     assert "calibrated on 24 measured steps" in proc.stdout and "8 nodes x 2 ranks" in proc.stdout
     saved = load_cluster(str(tmp_path / "c.json"))
     assert saved.nodes == 8 and "calibrated" in saved.name
-    proc = subprocess.run([sys.executable, "-m", "schedmoe.cli", "simulate", "--cluster",
+    proc = subprocess.run([sys.executable, "-m", "schedmoe.tools.cli", "simulate", "--cluster",
                            str(tmp_path / "missing.json")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -18,15 +18,15 @@ import shutil
 import pytest
 
 from schedmoe.errors import ConfigError
-from schedmoe.testing import run_ranks
-from schedmoe.train.run import TrainConfig, latest_checkpoint, train, train_rank
+from schedmoe.tools.testing import run_ranks
+from schedmoe.tools.train.run import TrainConfig, latest_checkpoint, train, train_rank
 
 SMALL = ["--dim", "32", "--hidden-dim", "64", "--batch", "8", "--seq", "32",
          "--checkpoint-every", "10", "--no-progress"]
 
 
 def schedmoe_train(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "schedmoe.cli", "train", *SMALL, *args],
+    return subprocess.Popen([sys.executable, "-m", "schedmoe.tools.cli", "train", *SMALL, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 

@@ -1,4 +1,7 @@
-"""All-to-all algorithms; each registers itself by name in the `a2a` registry."""
+"""All-to-all algorithms, each registered by name in the `a2a` registry, all with exactly
+`all_to_all_single` semantics: `nccl` (flat.py), `2dh` (hierarchical.py), `pipe` (pipe.py).
+
+Data plane. May import: `errors`, `registry`, `comm/`."""
 
 from .base import A2AAlgorithm, A2AHandle, all_to_all
 from .flat import FlatA2A

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from ..distributed import EPGroup, collective
+from ..comm.groups import EPGroup, collective
 from ..errors import A2AError
-from ..topology import Topology, topology
+from ..comm.topology import Topology, topology
 from .segments import permute
 
 Splits = Sequence[int] | None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import all_gather_ints
+from ..comm.groups import all_gather_ints
 from ..registry import register_a2a
 from .base import A2AAlgorithm, A2AHandle, start_all_to_all
 from .segments import regroup

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..distributed import collective
+from ..comm.groups import collective
 from ..registry import register_a2a
 from .base import A2AAlgorithm, A2AHandle
 from .segments import offsets

@@ -4,6 +4,8 @@ weights; `to_hf_state_dict(model)` gives the weights back in the original layout
 
 Needs transformers (`pip install schedmoe[hf]`) only to build the models; this package does not
 import it.
+
+Built on the layer. May import: `errors`, `layer`, `comm/`, `parallel/`.
 """
 
 from .convert import HFMoEBlock, convert, to_hf_state_dict

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..distributed import EPGroup
+from ..comm.groups import EPGroup
 from ..errors import UnsupportedModelError
 from ..layer import MoELayer
 from ..parallel.checkpoint import gather_experts, model_entries

@@ -1,10 +1,14 @@
-"""The math of an MoE step: experts and payload codecs, each registered by name."""
+"""The modular ops of an MoE step, each registered by name: payload codecs (`codecs/`) and
+expert forms (`experts/`).
 
-from .cast import BF16Codec, FP16Codec
-from .compressor import Compressor, CorruptPayloadError, NoCompression, SliceSpec, Wire
+Data plane. May import: `errors`, `registry`.
+"""
+
+from .codecs.cast import BF16Codec, FP16Codec
+from .codecs.compressor import Compressor, CorruptPayloadError, NoCompression, SliceSpec, Wire
+from .codecs.quant import FP8Codec, Int8Codec
+from .codecs.zstd import ZstdCodec
 from .experts import Expert, FFNExpert, SwiGLUExpert, is_expert_parameter, mark_expert_parameters
-from .quant import FP8Codec, Int8Codec
-from .zstd import ZstdCodec
 
 __all__ = ["Compressor", "CorruptPayloadError", "NoCompression", "SliceSpec", "Wire",
            "BF16Codec", "FP16Codec", "FP8Codec", "Int8Codec", "ZstdCodec",

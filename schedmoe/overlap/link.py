@@ -1,7 +1,8 @@
 """This process's link as the MoE exchanges use it: how many are in flight, and who wants to
 know when none is.
 
-The exchanges (exchange.py) report each A2A they issue and each one that arrives. Background
+The exchanges report each A2A they issue and each one that arrives (exchange/events.py, to
+which this module subscribes when imported). Background
 traffic of lower priority (the data-parallel gradient chunks of grad_sync.py) listens and goes
 out only while no exchange is in flight, so it fills the link's idle time instead of slowing
 the A2As down.
@@ -12,6 +13,8 @@ from __future__ import annotations
 import threading
 import weakref
 from typing import Callable
+
+from ..exchange import events
 
 _lock = threading.Lock()
 # Weak: an exchange abandoned by an exception (never waited for) stops counting once collected.
@@ -47,3 +50,6 @@ def listen(listener: Callable[[], None]) -> None:
 def unlisten(listener: Callable[[], None]) -> None:
     if listener in _listeners:
         _listeners.remove(listener)
+
+
+events.on_exchange(exchange_started, exchange_arrived)

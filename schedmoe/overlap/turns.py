@@ -2,8 +2,10 @@
 
 Each micro-batch of an interleaved step (microbatches.py) runs its forward and backward in a
 thread of its own, but only the one holding the turn computes. At every exchange wait
-(`exchange.PendingSend.wait` enters `waiting()`) the turn passes to the next micro-batch still
-running, and the waiting one takes it back, in strict rotation, once the others have had theirs
+(`exchange/send.py`'s `PendingSend.wait` enters `waiting()` through the event hook of
+exchange/events.py, installed when this module is imported) the turn passes to the next
+micro-batch still running, and the waiting one takes it back, in strict rotation, once the
+others have had theirs
 and its exchange has arrived. So the order of every op and of every collective depends on the
 program alone, never on timing: every rank issues its collectives in the same order, and
 gradients accumulate in the same order as running the micro-batches one after the other.
@@ -16,6 +18,8 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from typing import Iterator
+
+from ..exchange import events
 
 
 class Turns:
@@ -80,3 +84,6 @@ def waiting() -> Iterator[None]:
         yield
     finally:
         turns.take(_local.index)
+
+
+events.on_turns(waiting, index)

@@ -7,15 +7,33 @@ FSDP2), global-norm clipping, and checkpoints with global expert identity (DCP, 
     model = schedmoe.parallel.data_parallel(model, layout)   # or fully_shard_moe
     ...; loss.backward(); schedmoe.parallel.clip_grad_norm_(model, 1.0, layout); opt.step()
     schedmoe.parallel.save_checkpoint(path, model, opt, layout)
+
+Built on the layer. May import: `errors`, `registry`, `layer`, `comm/`, `ops/`,
+`schedulers/`.
 """
 
-from .checkpoint import (full_state_dict, gather_experts, load_checkpoint, read_manifest,
-                         save_checkpoint, verify_checkpoint)
-from .identity import ExpertMap, canonical_name
+import importlib
+
 from .data_parallel import clip_grad_norm_, data_parallel, fully_shard_moe
+from .identity import ExpertMap, canonical_name
 from .mesh import ParallelLayout, init_parallel, moe_layers, named_moe_layers
 
+# Checkpoints, imported on first use: `import schedmoe` (which needs `identity.py`) does not load
+# torch.distributed.checkpoint.
+_CHECKPOINT = ("full_state_dict", "gather_experts", "load_checkpoint", "read_manifest",
+               "save_checkpoint", "verify_checkpoint")
 __all__ = ["ParallelLayout", "init_parallel", "moe_layers", "named_moe_layers", "data_parallel",
-           "fully_shard_moe", "clip_grad_norm_", "save_checkpoint", "load_checkpoint",
-           "full_state_dict", "gather_experts", "read_manifest", "verify_checkpoint", "ExpertMap",
-           "canonical_name"]
+           "fully_shard_moe", "clip_grad_norm_", *_CHECKPOINT, "ExpertMap", "canonical_name"]
+
+
+def __getattr__(name: str):
+    if name not in (*_CHECKPOINT, "checkpoint"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.checkpoint")
+    value = module if name == "checkpoint" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -51,9 +51,10 @@ from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..distributed import EPGroup
+from ..comm.groups import EPGroup
 from ..errors import CheckpointError
-from .identity import KEY, ExpertMap, ExpertTensor, canonical_name
+from ..ops.experts.ranges import KEY
+from .identity import ExpertMap, ExpertTensor, canonical_name
 from .mesh import ParallelLayout, check_layers, local_part
 
 MANIFEST = "schedmoe.json"

@@ -26,7 +26,8 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
-from ..ops.experts import mark_expert_parameters
+from ..ops.experts.forms import mark_expert_parameters
+from ..schedulers import SequentialScheduler
 from .identity import ExpertMap
 from .mesh import ParallelLayout, check_layers, local_part
 
@@ -123,7 +124,6 @@ def fully_shard_moe(model: nn.Module, layout: ParallelLayout, **fsdp_options) ->
     of the model on the whole world. Returns `model` (now an FSDPModule)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from ..schedulers import SequentialScheduler
 
     layers = [layer for _, layer in check_layers(model, layout)]
     for layer in layers:

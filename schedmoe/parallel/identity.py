@@ -11,12 +11,7 @@ wrapper modules left out (DDP's and DataParallel's `module`, torch.compile's `_o
 activation checkpointing's `_checkpoint_wrapped_module`, FSDP1's `_fsdp_wrapped_module`), which
 is the name that `torch.distributed.checkpoint.state_dict` and the bare model use.
 
-Plain state dicts: an EP rank's `MoELayer.state_dict()` holds only its own experts, under the
-same keys on every rank. So that such a file can never load silently into the wrong experts,
-each layer adds `<prefix>expert_range` = [first expert, experts held, num_experts] to its state
-dict, and on load checks it: a state dict that holds this rank's experts (its own, or every
-expert, as `full_state_dict` gathers them) loads, the right rows sliced out; any other raises
-CheckpointError. A state dict without the entry (transformers, older files) loads as it is.
+Plain state dicts carry each layer's expert range (ops/experts/ranges.py).
 """
 
 from __future__ import annotations
@@ -28,8 +23,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..layer import MoELayer
 
-KEY = "expert_range"
 
 # Wrapper modules that add a name segment their state dicts leave out: (module that defines the
 # class, class name, attribute holding the wrapped module). Looked up only once the defining
@@ -114,8 +109,6 @@ class ExpertMap:
     tensors at that moment."""
 
     def __init__(self, model: nn.Module) -> None:
-        from ..layer import MoELayer  # the layer module imports this one
-
         names: dict[int, str] = {}  # tensor -> its first name (made canonical for experts only)
         for name, t in [*model.named_parameters(remove_duplicate=False),
                         *model.named_buffers(remove_duplicate=False)]:
@@ -162,35 +155,3 @@ def non_expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters replicated across ranks (gates, shared experts and the rest of the model)."""
     experts = ExpertMap(model)
     return [p for p in model.parameters() if p not in experts]
-
-
-def save_expert_range(layer: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
-    """`state_dict` post-hook of MoELayer."""
-    state_dict[prefix + KEY] = torch.tensor(
-        [layer.expert_offset, layer.num_local_experts, layer.config.num_experts])
-
-
-def load_expert_range(layer: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
-    """`load_state_dict` pre-hook of MoELayer: check the saved range, slice a wider one."""
-    saved = state_dict.pop(prefix + KEY, None)
-    if saved is None:
-        return
-    first, count, total = (int(v) for v in saved.tolist())
-    mine, held = layer.expert_offset, layer.num_local_experts
-    where = prefix.rstrip(".") or "the layer"
-    if total != layer.config.num_experts:
-        raise CheckpointError(
-            f"{where}: the state dict is of a layer with {total} experts, this one has "
-            f"{layer.config.num_experts}; num_experts must match the checkpoint")
-    if not first <= mine <= mine + held <= first + count:
-        raise CheckpointError(
-            f"{where}: the state dict holds experts [{first}, {first + count}) of {total} (one "
-            f"rank's share), this rank needs [{mine}, {mine + held}). Save every expert with "
-            "schedmoe.parallel.full_state_dict(model), or use schedmoe.parallel.save_checkpoint"
-            " / load_checkpoint, which reshard")
-    if count == held:
-        return
-    for key in [k for k in state_dict if k.startswith(prefix + "experts.")]:
-        value = state_dict[key]
-        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == count:
-            state_dict[key] = value[mine - first:mine - first + held]

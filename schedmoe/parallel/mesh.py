@@ -25,8 +25,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from ..distributed import EPGroup
+from ..comm.groups import EPGroup
 from ..errors import ConfigError
+from ..layer import MoELayer
 
 
 @dataclass(frozen=True)
@@ -107,9 +108,7 @@ def _member_group(rank_lists: list[list[int]], timeout) -> dist.ProcessGroup:
 
 
 def named_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The model's MoELayers with their names (imported here: the layer module imports this
-    package)."""
-    from ..layer import MoELayer
+    """The model's MoELayers with their names."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoELayer)]
 
 

@@ -1,6 +1,7 @@
 """The adaptive scheduler: profile, fit cost models, simulate every candidate, run the best.
 
-Legend: W ranks, E local experts, C capacity, M model dim; n = payload bytes of one chunk.
+Legend: W ranks, E local experts, C capacity, M model dim, P the payload in the call's layout
+(`[W, E, C, M]` padded, `[N, M]` ragged rows; plan/layout.py); n = payload bytes of one chunk.
 
 1. Profiling steps run each (A2A algorithm, codec) candidate at degrees 1 and 4 without overlap
    (every exchange waited at once), so each op's time is its own. The op intervals of a step,
@@ -47,12 +48,12 @@ from statistics import median
 import torch
 import torch.distributed as dist
 
-from ..distributed import collective
+from ..comm.groups import collective
 from ..errors import ConfigError
-from ..ops.codec_set import CodecSet, make_codec
+from ..ops.codecs.codec_set import CodecSet, make_codec
 from ..registry import register_scheduler, registry
-from ..sim.timeline import BACKWARD, FORWARD, CostModel, simulate
-from .base import Scheduler, StepContext, chunk_bounds
+from ..plan.layout import chunk_bounds
+from .base import Scheduler, StepContext
 from .clock import StepClock
 from .pipeline import PipelineScheduler
 from .sequential import SequentialScheduler
@@ -63,10 +64,17 @@ MAX_DECISIONS = 256  # decisions kept in `decisions`
 HYSTERESIS = 0.25  # of a bucket: how far past its edges a capacity still counts as in it
 
 
-def chunk_bytes(x_WECM: torch.Tensor, ctx: StepContext, degree: int) -> list[float]:
+def chunk_bytes(x_P: torch.Tensor, ctx: StepContext, degree: int) -> list[float]:
     """Payload bytes n of each of the `degree` chunks that split capacity."""
-    return [ctx.layout.chunk_bytes(tuple(x_WECM.shape), x_WECM.element_size(), lo, hi)
+    return [ctx.layout.chunk_bytes(tuple(x_P.shape), x_P.element_size(), lo, hi)
             for lo, hi in chunk_bounds(ctx.layout.capacity, degree)]
+
+
+def _timeline():
+    """The simulator's timeline, imported when the tuner first fits its models, so that
+    `import schedmoe` does not load the simulator."""
+    from ..sim import timeline
+    return timeline
 
 
 @dataclass
@@ -85,6 +93,7 @@ class Decision:
 @register_scheduler("adaptive")
 class AdaptiveScheduler(Scheduler):
     carries_agreement = True
+    follows_clock = True
 
     def __init__(self, degrees=tuple(range(1, 17)), algorithms=("nccl", "2dh", "pipe"),
                  codecs=None, allow_lossy: bool = False, shortlist: int = 5,
@@ -152,15 +161,15 @@ class AdaptiveScheduler(Scheduler):
                 f"codecs={codecs}, shortlist={self.shortlist}, trials={self.trial_steps}, "
                 f"check_every={self.check_every}, drift={self.drift})")
 
-    def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def run(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if ctx.recompute:
-            return self._replay(x_WECM, ctx)
-        decision = self._retry(x_WECM, ctx) if self._abandoned else self._decide(x_WECM, ctx)
+            return self._replay(x_P, ctx)
+        decision = self._retry(x_P, ctx) if self._abandoned else self._decide(x_P, ctx)
         self._abandoned = True  # until the call returns: an exception abandons it
-        y = self._execute(x_WECM, ctx, decision)
+        y = self._execute(x_P, ctx, decision)
         self._abandoned = False
-        self._replays[tuple(x_WECM.shape)] = decision
-        self._replays.move_to_end(tuple(x_WECM.shape))
+        self._replays[tuple(x_P.shape)] = decision
+        self._replays.move_to_end(tuple(x_P.shape))
         while len(self._replays) > 16:
             self._replays.popitem(last=False)
         self._last_decision = self._ran = decision
@@ -168,7 +177,7 @@ class AdaptiveScheduler(Scheduler):
         ctx.notes["decisions"] = len(self.decisions)
         return y
 
-    def _decide(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
+    def _decide(self, x_P: torch.Tensor, ctx: StepContext) -> Decision:
         """This call's decision: a profiling step, or what `_choose` says (with a clock: the
         same for every call of one step, and a hold while another layer tunes)."""
         if self.clock is not None:
@@ -187,26 +196,26 @@ class AdaptiveScheduler(Scheduler):
             algorithm, codec, degree = self._plan.pop(0)
             decision = Decision(self._step, "profile", algorithm, codec, degree)
             self.decisions.append(decision)
-            self._measure(decision, x_WECM, ctx)
+            self._measure(decision, x_P, ctx)
         else:
-            decision = self._choose(x_WECM, ctx)
+            decision = self._choose(x_P, ctx)
         self._attempt = decision
         return decision
 
-    def _retry(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
+    def _retry(self, x_P: torch.Tensor, ctx: StepContext) -> Decision:
         """The call after an abandoned one (an error, or the layer's wrong capacity guess, at
         its first dispatch: every rank alike): the abandoned call's decision again, nothing
         decided or learnt twice; a profiling step measures this call instead."""
         if self._attempt.reason == "profile":
             self._pending.pop()
-            self._measure(self._attempt, x_WECM, ctx)
+            self._measure(self._attempt, x_P, ctx)
         return self._attempt
 
-    def _measure(self, decision: Decision, x_WECM: torch.Tensor, ctx: StepContext) -> None:
+    def _measure(self, decision: Decision, x_P: torch.Tensor, ctx: StepContext) -> None:
         """Keep a profiled step's op intervals: they become samples at the next call."""
         if ctx.rec.events is None:
             ctx.rec.events = []
-        self._pending.append((decision, ctx.rec, chunk_bytes(x_WECM, ctx, decision.degree)))
+        self._pending.append((decision, ctx.rec, chunk_bytes(x_P, ctx, decision.degree)))
 
     def _time_last_step(self) -> None:
         """The time since the last call is the last step's; it belongs to the last decision."""
@@ -223,25 +232,25 @@ class AdaptiveScheduler(Scheduler):
 
     # -- running -------------------------------------------------------------------------------
 
-    def _execute(self, x_WECM: torch.Tensor, ctx: StepContext, decision: Decision) -> torch.Tensor:
+    def _execute(self, x_P: torch.Tensor, ctx: StepContext, decision: Decision) -> torch.Tensor:
         if decision.reason == "hold":  # another layer's turn to tune: the layer's own A2A
-            return SequentialScheduler().run(x_WECM, ctx)
+            return SequentialScheduler().run(x_P, ctx)
         step = self._context(ctx, decision.algorithm, decision.codec)
         if decision.reason == "profile":
-            return self._profile(x_WECM, step, decision.degree)
+            return self._profile(x_P, step, decision.degree)
         # r = 1 overlaps nothing: the sequential schedule, with autograd's plain backward
         schedule = SequentialScheduler() if decision.degree == 1 else \
             PipelineScheduler(decision.degree)
-        return schedule.run(x_WECM, step)
+        return schedule.run(x_P, step)
 
-    def _replay(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def _replay(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """A recompute: the schedule of the latest forward of this shape, nothing learnt."""
-        decision = self._replays.get(tuple(x_WECM.shape), self._last_decision)
+        decision = self._replays.get(tuple(x_P.shape), self._last_decision)
         if decision is None:
             raise ConfigError("the adaptive scheduler was asked to recompute a forward it never "
                               "ran; run the layer's forward before its backward")
         ctx.notes.update(dataclasses.asdict(decision), recompute=True)
-        return self._execute(x_WECM, ctx, decision)
+        return self._execute(x_P, ctx, decision)
 
     def _context(self, ctx: StepContext, algorithm: str, codec: str) -> StepContext:
         if algorithm not in self._a2a:
@@ -253,11 +262,11 @@ class AdaptiveScheduler(Scheduler):
         return dataclasses.replace(ctx, a2a=self._a2a[algorithm], codecs=self._codecs[codec])
 
     @staticmethod
-    def _profile(x_WECM: torch.Tensor, step: StepContext, degree: int) -> torch.Tensor:
+    def _profile(x_P: torch.Tensor, step: StepContext, degree: int) -> torch.Tensor:
         """Chunked but not overlapped: each exchange completes before the next op starts."""
         outs = []
         for i in range(len(step.chunks(degree))):
-            received = step.dispatch(step.slice(x_WECM, i), chunk=i)
+            received = step.dispatch(step.slice(x_P, i), chunk=i)
             outs.append(step.combine(step.run_experts(received, chunk=i), chunk=i))
         return step.cat(outs)
 
@@ -294,13 +303,17 @@ class AdaptiveScheduler(Scheduler):
                 self._outside_ms.append(max(0.0, decision.measured_ms[0] - 1e3 * region_s))
         self._pending.clear()
 
-    def _models(self) -> dict[str, CostModel]:
-        return {key: CostModel.fit([n for n, _ in s], [t for _, t in s])
+    def _models(self) -> dict:
+        """op -> its fitted cost model (sim/timeline.py's CostModel)."""
+        cost_model = _timeline().CostModel
+        return {key: cost_model.fit([n for n, _ in s], [t for _, t in s])
                 for key, s in self._samples.items()}
 
-    def _predict(self, models: dict[str, CostModel], sizes: list[int], algorithm: str,
+    def _predict(self, models: dict, sizes: list[int], algorithm: str,
                  codec: str) -> tuple[float, float]:
         """(forward, forward + backward) seconds of the region."""
+        timeline = _timeline()
+        FORWARD, BACKWARD = timeline.FORWARD, timeline.BACKWARD  # noqa: N806
         def chunk(n: int, stages: tuple[str, str, str], expert_factor: float) -> dict:
             first, expert, second = stages
             costs = {expert: expert_factor * models["experts"](n)}
@@ -310,11 +323,11 @@ class AdaptiveScheduler(Scheduler):
                 costs[f"{name}.decompress"] = models[f"decompress:{codec}"](n)
             return costs
 
-        fwd = simulate([chunk(n, FORWARD, 1.0) for n in sizes], FORWARD)
-        bwd = simulate([chunk(n, BACKWARD, 2.0) for n in sizes], BACKWARD)
+        fwd = timeline.simulate([chunk(n, FORWARD, 1.0) for n in sizes], FORWARD)
+        bwd = timeline.simulate([chunk(n, BACKWARD, 2.0) for n in sizes], BACKWARD)
         return fwd.makespan, fwd.makespan + bwd.makespan
 
-    def _choose(self, x_WECM: torch.Tensor, ctx: StepContext) -> Decision:
+    def _choose(self, x_P: torch.Tensor, ctx: StepContext) -> Decision:
         """The decision for this call: the one in force, a remembered winner, the next trial of
         this capacity bucket, or the winner of its trials just run. Each bucket runs its own
         trials once (at most shortlist x trial_steps calls), also when calls alternate between
@@ -336,7 +349,7 @@ class AdaptiveScheduler(Scheduler):
             return remembered
         self._running = None
         if bucket not in self._trials:
-            shortlist = self._shortlist(self._rank_candidates(x_WECM, ctx))
+            shortlist = self._shortlist(self._rank_candidates(x_P, ctx))
             reason = "tuned" if self.decisions[-1].reason == "profile" else "bucket"
             self._trials[bucket] = _Trials([d for d in shortlist for _ in range(self.trial_steps)],
                                            [], reason)
@@ -372,7 +385,7 @@ class AdaptiveScheduler(Scheduler):
             return self._bucket
         return bucket
 
-    def _rank_candidates(self, x_WECM: torch.Tensor, ctx: StepContext) -> list[Decision]:
+    def _rank_candidates(self, x_P: torch.Tensor, ctx: StepContext) -> list[Decision]:
         """Every candidate as a trial decision, best predicted first (same order on all ranks)."""
         models = self._models()
         candidates = [(a, c, r) for a in self.algorithms for c in self._codec_names(ctx)
@@ -380,7 +393,7 @@ class AdaptiveScheduler(Scheduler):
         outside = 1e-3 * median(self._outside_ms) if self._outside_ms else 0.0
         predicted = []
         for a, c, r in candidates:
-            sizes = chunk_bytes(x_WECM, ctx, r)
+            sizes = chunk_bytes(x_P, ctx, r)
             forward, step = self._predict(models, sizes, a, c)
             predicted.append((forward, step + outside))
         # The step is as slow as the slowest rank; maxing makes every rank rank alike.

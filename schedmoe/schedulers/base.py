@@ -1,10 +1,12 @@
 """The scheduler interface: what runs between encode and decode, in what order.
 
-Legend: W ranks in the EP group, E local experts per rank, C capacity, M model dim.
+Legend: W ranks in the EP group, E local experts per rank, C capacity, M model dim, N rows; P the
+payload in the call's layout: `[W, E, C, M]` padded, `[N, M]` ragged rows (plan/layout.py).
 
-The layer routes and encodes the tokens into `x_WECM` (slice w is for the experts of rank w;
-with `ragged`, unpadded `[N, M]` rows, see layout.py); a scheduler exchanges it, runs the local
-experts and exchanges the results back, returning `y_WECM` in the same layout. Chunked
+The layer routes and encodes the tokens into `x_P` (slice w is for the experts of rank w); a
+scheduler exchanges it, runs the local experts and exchanges the results back, returning `y_P`
+in the same layout. It never branches on the layout: it asks the context (`chunks`, `slice`,
+`cat`, `splits`, `run_experts`), which asks the layout. Chunked
 schedulers split C through the context (`chunks`, `slice`, `cat`) and overlap the pieces; all
 must give the sequential schedule's result.
 """
@@ -18,12 +20,12 @@ from typing import Callable
 import torch
 
 from ..a2a_algos.base import A2AAlgorithm
-from ..agreement import Rider
-from ..exchange import PendingSend, Splits, exchange, start_send
-from ..layout import PaddedLayout, RaggedLayout
-from ..ops.codec_set import CodecSet
-from ..ops.experts import Expert
-from ..recorder import StepRecorder
+from ..control.agreement import Rider
+from ..exchange.send import PendingSend, Splits, exchange, start_send
+from ..plan.layout import PaddedLayout, RaggedLayout, chunk_bounds
+from ..ops.codecs.codec_set import CodecSet
+from ..ops.experts.forms import Expert
+from ..control.recorder import StepRecorder
 
 
 @dataclass
@@ -60,13 +62,9 @@ class StepContext:
         return self.layout.cat(parts, [self.bounds[i] for i in range(len(parts))])
 
     def splits(self, chunk: int | None, towards_experts: bool) -> Splits | None:
-        """Ragged row counts of chunk `chunk`'s exchange (None when padded): towards the
-        experts (dispatch, combine's gradient) or back (combine, dispatch's gradient)."""
-        if not self.layout.ragged:
-            return None
-        lo, hi = self._slots(chunk)
-        send, recv = self.layout.rows(lo, hi, "send"), self.layout.rows(lo, hi, "recv")
-        return (send, recv) if towards_experts else (recv, send)
+        """Row counts of chunk `chunk`'s exchange (None when every slice is the same size):
+        towards the experts (dispatch, combine's gradient) or back."""
+        return self.layout.splits(*self._slots(chunk), towards_experts)
 
     def _slots(self, chunk: int | None) -> tuple[int, int]:
         """[lo, hi) of chunk `chunk`; the whole capacity for an unchunked exchange."""
@@ -78,53 +76,54 @@ class StepContext:
         if self.shared is not None:
             self.shared.run(self.rec)
 
-    def dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def dispatch(self, x_P: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Tokens to the ranks owning their experts."""
-        return exchange(x_WECM, self.a2a, self.codecs.stream("dispatch", chunk),
+        return exchange(x_P, self.a2a, self.codecs.stream("dispatch", chunk),
                         self.codecs.stream("dispatch_grad", chunk), self.rec, "dispatch", chunk,
                         self._ride(), self.splits(chunk, True))
 
-    def start_dispatch(self, x_WECM: torch.Tensor, chunk: int | None = None) -> PendingSend:
+    def start_dispatch(self, x_P: torch.Tensor, chunk: int | None = None) -> PendingSend:
         """`dispatch` without waiting (no autograd: for schedules with their own backward)."""
-        return start_send(x_WECM, self.a2a, self.codecs.stream("dispatch", chunk), self.rec,
+        return start_send(x_P, self.a2a, self.codecs.stream("dispatch", chunk), self.rec,
                           "dispatch", chunk, self._ride(), self.splits(chunk, True))
 
     def _ride(self) -> Rider | None:
         return None if self.rider is None else self.rider.claim()
 
-    def combine(self, y_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def combine(self, y_P: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Expert outputs back to the ranks that own the tokens."""
-        return exchange(y_WECM, self.a2a, self.codecs.stream("combine", chunk),
+        return exchange(y_P, self.a2a, self.codecs.stream("combine", chunk),
                         self.codecs.stream("combine_grad", chunk), self.rec, "combine", chunk,
                         splits=self.splits(chunk, False))
 
-    def run_experts(self, recv_WECM: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """Local experts over every source rank's tokens; same layout in and out."""
-        dtype = next(self.experts.parameters(), recv_WECM).dtype
-        if self.layout.ragged:
-            perm_R, counts = self.layout.expert_order(*self._slots(chunk))
-            perm_R = perm_R.to(recv_WECM.device)
-            with self.rec("experts", chunk):
-                y_RM = self.experts.forward_ragged(recv_WECM.index_select(0, perm_R).to(dtype),
-                                                   counts).to(recv_WECM.dtype)
-                return torch.empty_like(y_RM).index_copy(0, perm_R, y_RM)
-        world, experts, capacity, model_dim = recv_WECM.shape
+    def run_experts(self, recv_P: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Local experts over every source rank's tokens; same layout in and out. Under
+        autograd their backward is timed too (`experts.bwd`: from the output's gradient
+        arriving to the input's leaving)."""
+        timed = recv_P.requires_grad and torch.is_grad_enabled()
+        if timed:
+            began: list[float] = []
+            recv_P = _Mark.apply(recv_P, lambda: self.rec.interval("experts.bwd", began[0],
+                                                                    chunk))
         with self.rec("experts", chunk):
-            x_EXM = recv_WECM.transpose(0, 1).reshape(experts, world * capacity, model_dim)
-            y_EXM = self.experts(x_EXM.to(dtype)).to(recv_WECM.dtype)
-            return y_EXM.view(experts, world, capacity, model_dim).transpose(0, 1).contiguous()
+            y_P = self.layout.run_experts(self.experts, recv_P, *self._slots(chunk))
+        if timed:
+            y_P = _Mark.apply(y_P, lambda: began.append(self.rec.now()))
+        return y_P
 
 
-def chunk_bounds(capacity: int, degree: int) -> list[tuple[int, int]]:
-    """[lo, hi) capacity slots of each chunk; at most `capacity` chunks (one if C == 0)."""
-    parts = max(1, min(degree, capacity))
-    base, extra = divmod(capacity, parts)
-    bounds, lo = [], 0
-    for i in range(parts):
-        hi = lo + base + (1 if i < extra else 0)
-        bounds.append((lo, hi))
-        lo = hi
-    return bounds
+class _Mark(torch.autograd.Function):
+    """The identity; `note()` runs when its gradient passes (times a region's backward)."""
+
+    @staticmethod
+    def forward(ctx, x, note):  # type: ignore[override]
+        ctx.note = note
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        ctx.note()
+        return grad, None
 
 
 class SharedWork:
@@ -153,6 +152,7 @@ class Scheduler(ABC):
     """
 
     carries_agreement = False
+    follows_clock = False  # tunes by optimizer steps when a StepClock is attached (clock.py)
 
     def describe(self) -> str:
         """Name and settings; must be equal on every rank of the EP group."""
@@ -167,5 +167,5 @@ class Scheduler(ABC):
         """Continue from `runtime_state()` of a scheduler built with the same options."""
 
     @abstractmethod
-    def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """Return the combined expert outputs `y_WECM` for the encoded tokens `x_WECM`."""
+    def run(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Return the combined expert outputs `y_P` for the encoded tokens `x_P`."""

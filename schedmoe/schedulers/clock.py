@@ -15,14 +15,11 @@ Every rank must tick its clock at the same steps (as every rank steps its optimi
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from torch import nn
 
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from .adaptive import AdaptiveScheduler
+from .base import Scheduler
 
 
 class StepClock:
@@ -30,20 +27,19 @@ class StepClock:
 
     def __init__(self) -> None:
         self.steps = 0  # optimizer steps finished
-        self.members: list[AdaptiveScheduler] = []  # in model order: the order of turns
+        self.members: list[Scheduler] = []  # in model order: the order of turns
         self._began: float | None = None
 
     @classmethod
     def attach(cls, model: nn.Module, optimizer=None) -> "StepClock":
-        """A clock for every MoE layer of `model` whose scheduler is adaptive (model order);
-        with `optimizer`, ticked by its step post-hook, else call `step()` after each step."""
-        from ..parallel.mesh import moe_layers
-        from .adaptive import AdaptiveScheduler
-
+        """A clock for every MoE layer of `model` whose scheduler follows one (the adaptive
+        scheduler, `follows_clock`), in model order; with `optimizer`, ticked by its step
+        post-hook, else call `step()` after each step."""
         clock = cls()
-        for layer in moe_layers(model):
-            if isinstance(layer.scheduler, AdaptiveScheduler):
-                clock.add(layer.scheduler)
+        for module in model.modules():
+            scheduler = getattr(module, "scheduler", None)
+            if isinstance(scheduler, Scheduler) and scheduler.follows_clock:
+                clock.add(scheduler)
         if not clock.members:
             raise ConfigError("StepClock.attach found no MoE layer with the adaptive scheduler "
                               "in the model; build the layers with scheduler='adaptive'")
@@ -51,7 +47,7 @@ class StepClock:
             optimizer.register_step_post_hook(lambda *args, **kwargs: clock.step())
         return clock
 
-    def add(self, scheduler: "AdaptiveScheduler") -> None:
+    def add(self, scheduler: Scheduler) -> None:
         if scheduler.clock is not None and scheduler.clock is not self:
             raise ConfigError("this adaptive scheduler already follows another StepClock")
         if any(member is scheduler for member in self.members):
@@ -70,6 +66,6 @@ class StepClock:
         for member in self.members:
             member.end_step(elapsed_ms)
 
-    def holder(self) -> "AdaptiveScheduler | None":
+    def holder(self) -> Scheduler | None:
         """The member whose turn it is to tune: the first one without a tuned decision."""
         return next((m for m in self.members if m.tuning), None)

@@ -1,6 +1,7 @@
 """The pipelined schedule with a fixed degree r, in ScheMoE's optimal order (Theorem 1).
 
-Legend: W ranks, E local experts, C capacity, M model dim; chunk i holds capacity slots
+Legend: W ranks, E local experts, C capacity, M model dim, P the payload in the call's layout
+(`[W, E, C, M]` padded, `[N, M]` ragged rows; plan/layout.py); chunk i holds capacity slots
 [lo_i, hi_i) of every expert (r chunks as even as possible; a C that r does not divide gives
 chunks one slot apart).
 
@@ -20,22 +21,22 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..exchange import PendingSend, start_send
+from ..exchange.send import PendingSend, start_send
 from ..registry import register_scheduler
 from .base import Scheduler, StepContext
 
 
-def start_dispatches(x_WECM: torch.Tensor, step: StepContext, degree: int) -> list[PendingSend]:
+def start_dispatches(x_P: torch.Tensor, step: StepContext, degree: int) -> list[PendingSend]:
     """Compress and issue every chunk's dispatch (C1^1..C1^r), in order."""
-    return [step.start_dispatch(step.slice(x_WECM, i), i)
+    return [step.start_dispatch(step.slice(x_P, i), i)
             for i in range(len(step.chunks(degree)))]
 
 
-def pipelined_forward(x_WECM: torch.Tensor, step: StepContext, degree: int, graph: bool,
+def pipelined_forward(x_P: torch.Tensor, step: StepContext, degree: int, graph: bool,
                       dispatches: list[PendingSend]
                       ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The forward order after the dispatches were issued. With `graph`, each chunk's experts
-    build their own graph from a leaf holding the received tokens; returns (y_WECM, the
+    build their own graph from a leaf holding the received tokens; returns (y_P, the
     leaves, the chunk outputs)."""
     leaves, outs, combines = [], [], []
     for i, pending in enumerate(dispatches):
@@ -57,15 +58,15 @@ class _PipelinedRegion(torch.autograd.Function):
     to the engine (autograd.grad and gradient hooks see them), not written into .grad."""
 
     @staticmethod
-    def forward(ctx, x_WECM, step: StepContext, degree: int,  # type: ignore[override]
+    def forward(ctx, x_P, step: StepContext, degree: int,  # type: ignore[override]
                 dispatches: list[PendingSend], *expert_params):
-        y_WECM, leaves, outs = pipelined_forward(x_WECM, step, degree, True, dispatches)
+        y_P, leaves, outs = pipelined_forward(x_P, step, degree, True, dispatches)
         ctx.step, ctx.bounds = step, dict(step.bounds)
         ctx.save_for_backward(*leaves, *outs)
-        return y_WECM
+        return y_P
 
     @staticmethod
-    def backward(ctx, grad_WECM):  # type: ignore[override]
+    def backward(ctx, grad_P):  # type: ignore[override]
         step, chunks = ctx.step, len(ctx.bounds)
         step.bounds.clear()  # the forward's chunks
         step.bounds.update(ctx.bounds)
@@ -73,7 +74,7 @@ class _PipelinedRegion(torch.autograd.Function):
         leaves, outs = saved[:chunks], saved[chunks:]
         params = [p for p, needed in zip(step.experts.parameters(), ctx.needs_input_grad[4:])
                   if needed]
-        grads = [start_send(step.slice(grad_WECM, i), step.a2a,
+        grads = [start_send(step.slice(grad_P, i), step.a2a,
                             step.codecs.stream("combine_grad", i), step.rec, "combine.bwd", i,
                             splits=step.splits(i, True))
                  for i in range(chunks)]
@@ -112,14 +113,14 @@ class PipelineScheduler(Scheduler):
     def describe(self) -> str:
         return f"pipeline(degree={self.degree})"
 
-    def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def run(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         params = list(ctx.experts.parameters())
         differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
-            x_WECM.requires_grad or any(p.requires_grad for p in params))
-        dispatches = start_dispatches(x_WECM, ctx, self.degree)
+            x_P.requires_grad or any(p.requires_grad for p in params))
+        dispatches = start_dispatches(x_P, ctx, self.degree)
         ctx.run_shared()  # the shared experts overlap the dispatches in flight
         if not differentiable:  # no_grad / inference: no graph anywhere
-            return pipelined_forward(x_WECM, ctx, self.degree, False, dispatches)[0]
+            return pipelined_forward(x_P, ctx, self.degree, False, dispatches)[0]
         # The expert parameters are inputs so that the region is differentiated even when the
         # tokens need no gradient.
-        return _PipelinedRegion.apply(x_WECM, ctx, self.degree, dispatches, *params)
+        return _PipelinedRegion.apply(x_P, ctx, self.degree, dispatches, *params)

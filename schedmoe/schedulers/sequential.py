@@ -1,4 +1,7 @@
-"""The sequential schedule: one exchange, all experts, one exchange back; nothing overlaps."""
+"""The sequential schedule: one exchange, all experts, one exchange back; nothing overlaps.
+
+Legend: P the payload in the call's layout (`[W, E, C, M]` padded, `[N, M]` ragged rows).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ class SequentialScheduler(Scheduler):
 
     carries_agreement = True
 
-    def run(self, x_WECM: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        recv_WECM = ctx.dispatch(x_WECM)
-        y_WECM = ctx.run_experts(recv_WECM)
-        return ctx.combine(y_WECM)
+    def run(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        recv_P = ctx.dispatch(x_P)
+        y_P = ctx.run_experts(recv_P)
+        return ctx.combine(y_P)

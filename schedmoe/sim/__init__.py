@@ -6,6 +6,8 @@
 - `codecs.py`: codecs by ratio, throughput and per-call cost (ours and a ZFP-like one).
 - `model.py`: a layer's step on a cluster, and the search over (algorithm, codec, r).
 - `calibrate.py`: fit a cluster's constants to measured steps.
+
+Control plane. May import: `errors`, `plan/`, `control/`.
 """
 
 from .calibrate import Measurement, calibrate, load_measurements, log_errors

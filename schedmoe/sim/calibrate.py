@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import ConfigError
-from ..validation import number, one_of, read_json
+from ..control.validation import number, one_of, read_json
 from .cluster import ALGORITHMS, Cluster
 from .codecs import FIELDS as CODEC_FIELDS
 from .model import MAX_DEGREE, Workload, predict

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..validation import number, one_of, read_json
+from ..control.validation import number, one_of, read_json
 from .codecs import CodecModel, codec_model
 
 PRESETS = Path(__file__).parent / "clusters"

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
-from ..validation import number
+from ..control.validation import number
 
 
 @dataclass(frozen=True)

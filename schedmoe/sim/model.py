@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ..errors import ConfigError
-from ..validation import number
+from ..plan.layout import chunk_bounds
+from ..control.validation import number
 from .cluster import ALGORITHMS, Cluster, a2a_seconds, issue_seconds
 from .timeline import BACKWARD, FORWARD, Timeline, simulate
 
@@ -73,7 +74,6 @@ def _chunk_rows(w: Workload, degree: int) -> list[float]:
     cut them (`chunk_bounds`); padded, every slot of every expert is sent; ragged, only the
     routed rows, which fill an expert's first k T / E slots (routing balanced), so that the last
     chunks of a generous capacity carry little or nothing but still cost their calls."""
-    from ..schedulers.base import chunk_bounds  # here: schedulers import the timeline
 
     routed = w.top_k * w.tokens / w.num_experts  # rows per expert and source rank
     if w.capacity_factor <= 0:  # dropless: the capacity is what arrives

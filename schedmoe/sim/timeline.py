@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..recorder import TraceEvent
+from ..control.recorder import TraceEvent
 
 FORWARD = ("dispatch", "experts", "combine")
 BACKWARD = ("combine.bwd", "experts.bwd", "dispatch.bwd")

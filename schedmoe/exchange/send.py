@@ -1,0 +1,160 @@
+"""One differentiable compress -> all-to-all -> decompress of a `[P, ...]` payload, or of
+ragged `[N, ...]` rows with per-rank row counts (`splits`, rows without padding).
+
+Fixed-size codecs exchange their wire with even splits. Data-dependent codecs (zstd) first
+exchange each slice's byte count, then the wire with those uneven splits, through the same A2A
+algorithm. Ragged rows go through `Compressor.compress_rows` (each destination's rows a slice of
+their own; the `none` codec sends them as they are); the receiver knows each slice's byte size
+from the rows it expects (`Compressor.wire_bytes`) or, for zstd, swaps them. The backward pass
+sends the gradient back the same way with the gradient codec; for a lossy codec the gradient
+is straight-through (the round trip is treated as the identity).
+
+A call's first dispatch may carry a `Rider` (the per-call agreement record, control/rider.py):
+appended to every slice after compression, split off and checked on arrival before anything
+is decompressed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ContextManager, Protocol
+
+import torch
+
+from ..a2a_algos.base import A2AAlgorithm
+from ..ops.codecs.compressor import Compressor, SliceSpec, Wire
+from . import events
+
+
+class Rider(Protocol):
+    """What may ride on a call's first dispatch: the per-call agreement record
+    (control/rider.py), appended after compression and checked on arrival."""
+
+    def attach(self, wire: Wire) -> Wire: ...
+
+    def detach(self, data: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, list[int]]: ...
+
+
+class StepRecorder(Protocol):
+    """What times the ops of a call (control/recorder.py)."""
+
+    def __call__(self, op: str, chunk: int | None = None) -> ContextManager: ...
+
+    def now(self) -> float: ...
+
+    def interval(self, op: str, start: float, chunk: int | None = None,
+                 stream: str = "compute") -> None: ...
+
+    def count_bytes(self, name: str, raw: int, wire: int) -> None: ...
+
+
+Splits = tuple[list[int], list[int]]  # ragged: rows sent to each rank, rows received from each
+
+
+class PendingSend:
+    """An exchange in flight: `wait()` finishes the A2A and decompresses. Its start, its wait
+    and its arrival are events (events.py) for the features built on top: another micro-batch
+    computes while it waits (overlap/turns.py), gradient chunks go out once none is in flight
+    (overlap/link.py)."""
+
+    def __init__(self, handle, recv_sizes: list[int],
+                 decode: Callable[[torch.Tensor, list[int]], torch.Tensor], rec: StepRecorder,
+                 name: str, chunk: int | None, issued: float, rider: Rider | None = None) -> None:
+        self._handle, self._recv_sizes, self._decode = handle, recv_sizes, decode
+        self._rec, self._name, self._chunk, self._issued = rec, name, chunk, issued
+        self._rider = rider
+        events.started(self)
+
+    def wait(self) -> torch.Tensor:
+        try:
+            with events.waiting():
+                data, sizes = self._handle.wait(), self._recv_sizes
+        finally:
+            events.arrived(self)
+        self._rec.interval(self._name + ".a2a", self._issued, self._chunk, stream="comm")
+        if self._rider is not None:
+            with self._rec("agree"):  # raises on every rank alike if the records disagree
+                data, sizes = self._rider.detach(data, sizes)
+        with self._rec(self._name + ".decompress", self._chunk):
+            return self._decode(data, sizes)
+
+
+def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
+               name: str, chunk: int | None = None, rider: Rider | None = None,
+               splits: Splits | None = None) -> PendingSend:
+    """Compress slice p of `x_P` for rank p and issue the exchange without waiting for it.
+    A data-dependent codec's slice sizes are exchanged first (blocking, a few bytes).
+    With `splits` (a ragged layout), `x_P` is `[N, ...]` rows and slice p is the next
+    `splits[0][p]` of them; `splits[1][p]` rows arrive from rank p."""
+    if splits is not None:
+        return _start_ragged(x_P, a2a, codec, rec, name, chunk, splits)
+    spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
+    with rec(name + ".compress", chunk):
+        wire = codec.compress(x_P)
+        if rider is not None:
+            wire = rider.attach(wire)
+    issued = rec.now()
+    if codec.fixed_size:
+        recv_sizes = wire.sizes
+        handle = a2a.start(wire.data)
+    else:
+        sizes_P = torch.tensor(wire.sizes, dtype=torch.int64, device=wire.data.device)
+        recv_sizes = a2a.exchange(sizes_P).tolist()
+        handle = a2a.start(wire.data, recv_sizes, wire.sizes)
+    rec.count_bytes(name, x_P.numel() * x_P.element_size(), wire.data.numel())
+    return PendingSend(handle, recv_sizes,
+                       lambda data, sizes: codec.decompress(Wire(data, sizes), spec),
+                       rec, name, chunk, issued, rider)
+
+
+def _start_ragged(x_NM: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
+                  name: str, chunk: int | None, splits: Splits) -> PendingSend:
+    """Each rank's rows compressed as a slice of its own; the receiver knows the byte sizes
+    from the rows it expects (fixed-size codecs) or they are exchanged first (zstd)."""
+    send_rows, recv_rows = splits
+    row_shape = tuple(x_NM.shape[1:])
+    codec = codec.without_feedback()
+    with rec(name + ".compress", chunk):
+        wire = codec.compress_rows(x_NM, send_rows)
+    issued = rec.now()
+    specs = [SliceSpec((rows, *row_shape), x_NM.dtype) for rows in recv_rows]
+    recv_sizes = [codec.wire_bytes(spec) for spec in specs]
+    if any(size is None for size in recv_sizes):
+        sizes_P = torch.tensor(wire.sizes, dtype=torch.int64, device=wire.data.device)
+        recv_sizes = a2a.exchange(sizes_P).tolist()
+    handle = a2a.start(wire.data, recv_sizes, wire.sizes)
+    rec.count_bytes(name, x_NM.numel() * x_NM.element_size(), wire.data.numel())
+
+    def decode(received: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        return codec.decompress_rows(Wire(received, sizes), specs)
+
+    return PendingSend(handle, recv_sizes, decode, rec, name, chunk, issued)
+
+
+def send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
+         name: str, chunk: int | None = None, rider: Rider | None = None,
+         splits: Splits | None = None) -> torch.Tensor:
+    """Slice p of `x_P` to rank p; returns the slices received, by source rank."""
+    return start_send(x_P, a2a, codec, rec, name, chunk, rider, splits).wait()
+
+
+class _Exchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_P, a2a, codec, grad_codec, rec, name, chunk,  # type: ignore[override]
+                rider, splits):
+        ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name, ctx.chunk = a2a, grad_codec, rec, name, chunk
+        ctx.splits = splits
+        return send(x_P, a2a, codec, rec, name, chunk, rider, splits)
+
+    @staticmethod
+    def backward(ctx, grad_P):  # type: ignore[override]
+        back = None if ctx.splits is None else (ctx.splits[1], ctx.splits[0])
+        grad = send(grad_P.contiguous(), ctx.a2a, ctx.grad_codec, ctx.rec, ctx.name + ".bwd",
+                    ctx.chunk, splits=back)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def exchange(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, grad_codec: Compressor,
+             rec: StepRecorder, name: str, chunk: int | None = None,
+             rider: Rider | None = None, splits: Splits | None = None) -> torch.Tensor:
+    """Differentiable `send`; the gradient travels back with `grad_codec` (reversed splits)."""
+    return _Exchange.apply(x_P, a2a, codec, grad_codec, rec, name, chunk, rider, splits)

@@ -1,0 +1,7 @@
+"""Payload codecs ("compressors"), each registered by name: `none`, `fp16`, `bf16`, `fp8`,
+`int8` (+ error feedback `+ef`), `zstd` (lossless, byte-shuffled); the per-slice checksum
+wrapper (`verify`), and `CodecSet`, the codec of each of a layer's four exchanges.
+
+Data plane. May import: `errors`, `registry`. zstandard and numba load when a zstd codec is
+first used; cupy (GPU kernels) when a CUDA payload is first quantised.
+"""
