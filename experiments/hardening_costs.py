@@ -38,11 +38,13 @@ def agreement_rank(rank: int, world: int, tokens: int, steps: int) -> dict:
     from schedmoe.control.agreement import Agreed
 
     torch.manual_seed(0)
-    layer = schedmoe.MoELayer(512, 8, 1024, 2, 1.25)
+    # padded rows: the record can ride (the setting of the committed results; ragged rows,
+    # the default since, swap split sizes every call and never ride)
+    layer = schedmoe.MoELayer(512, 8, 1024, 2, 1.25, ragged=False)
     x = torch.randn(tokens, 512, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     real_agree, real_can_guess = layer._agreement.agree, layer._can_guess
 
-    def bypass(local, device):  # valid here only: every rank has the same T and config
+    def bypass(local, device, counts=None):  # valid here only: same T and config everywhere
         return Agreed(local.limit, local.input_grad, (), local.dtype)
 
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}

@@ -297,7 +297,7 @@ class AdaptiveScheduler(Scheduler):
                        "a2a": a2a, "experts": "experts"}.get(kind)
                 if key is not None:
                     self._samples.setdefault(key, []).append((sizes[e.chunk], e.end - e.start))
-                    # autograd's expert backward is not an event: twice the forward, as predicted
+                    # the experts' backward (experts.bwd) counts as twice the forward, as predicted
                     region_s += (3 if key == "experts" else 1) * (e.end - e.start)
             if decision.measured_ms:
                 self._outside_ms.append(max(0.0, decision.measured_ms[0] - 1e3 * region_s))

@@ -96,11 +96,12 @@ class StepContext:
                         self.codecs.stream("combine_grad", chunk), self.rec, "combine", chunk,
                         splits=self.splits(chunk, False))
 
-    def run_experts(self, recv_P: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def run_experts(self, recv_P: torch.Tensor, chunk: int | None = None,
+                    time_backward: bool = True) -> torch.Tensor:
         """Local experts over every source rank's tokens; same layout in and out. Under
         autograd their backward is timed too (`experts.bwd`: from the output's gradient
-        arriving to the input's leaving)."""
-        timed = recv_P.requires_grad and torch.is_grad_enabled()
+        arriving to the input's leaving), unless the schedule times its own backward."""
+        timed = time_backward and recv_P.requires_grad and torch.is_grad_enabled()
         if timed:
             began: list[float] = []
             recv_P = _Mark.apply(recv_P, lambda: self.rec.interval("experts.bwd", began[0],
