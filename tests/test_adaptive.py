@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -71,8 +72,10 @@ def test_capacity_bucket_change_retunes():
 
 
 def test_drift_restarts_profiling():
+    ticks = itertools.count()  # every step 1 ms longer than the one before: a sure drift
     adaptive = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), shortlist=1,
-                                 trial_steps=1, check_every=1, drift=0.0)
+                                 trial_steps=1, check_every=1, drift=0.0,
+                                 timer=lambda: 0.0005 * next(ticks) ** 2)
     layer = make(adaptive)
     for _ in range(8):
         layer(torch.randn(40, M)).sum().backward()

@@ -4,6 +4,8 @@ the timeout or gives the result of an independent reference."""
 
 from __future__ import annotations
 
+import itertools
+
 import os
 import subprocess
 import sys
@@ -364,7 +366,9 @@ def test_error_feedback_is_per_stream_and_reset_with_the_layout():
 
 def test_dropless_adaptive_settles_when_capacity_wanders_over_a_bucket_edge():
     torch.manual_seed(0)
-    sched = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), trial_steps=1)
+    ticks = itertools.count()  # every step 10 ms: the machine's load cannot look like drift
+    sched = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), trial_steps=1,
+                              timer=lambda: 0.01 * next(ticks))
     layer = schedmoe.MoELayer(M, 2, H, 1, 0.0, scheduler=sched)
     x = torch.randn(260, M)
     for step in range(60):
@@ -379,7 +383,9 @@ def test_dropless_adaptive_settles_when_capacity_wanders_over_a_bucket_edge():
 
 def test_bucket_winners_are_remembered():
     torch.manual_seed(0)
-    sched = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), trial_steps=1)
+    ticks = itertools.count()  # every step 10 ms: the machine's load cannot look like drift
+    sched = AdaptiveScheduler(degrees=(1, 2), algorithms=("nccl",), trial_steps=1,
+                              timer=lambda: 0.01 * next(ticks))
     layer = schedmoe.MoELayer(M, 2, H, 1, 0.0, scheduler=sched)
     with torch.no_grad():
         layer.gate.wg_EM.zero_()

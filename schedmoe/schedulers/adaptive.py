@@ -44,6 +44,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from statistics import median
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -97,9 +98,11 @@ class AdaptiveScheduler(Scheduler):
 
     def __init__(self, degrees=tuple(range(1, 17)), algorithms=("nccl", "2dh", "pipe"),
                  codecs=None, allow_lossy: bool = False, shortlist: int = 5,
-                 trial_steps: int = 4, check_every: int = 5, drift: float = 0.5) -> None:
+                 trial_steps: int = 4, check_every: int = 5, drift: float = 0.5,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         """`codecs`: codec names to choose from; None uses the layer's compressor (chosen by
-        the user, so lossy or not). Lossy names in `codecs` need `allow_lossy=True`."""
+        the user, so lossy or not). Lossy names in `codecs` need `allow_lossy=True`. `timer`:
+        the clock (seconds) that times steps between calls (tests inject one)."""
         for name in codecs or ():
             if not make_codec(name).lossless and not allow_lossy:
                 raise ConfigError(f"codec {name!r} is lossy: pass allow_lossy=True to let the "
@@ -109,7 +112,7 @@ class AdaptiveScheduler(Scheduler):
         self.degrees, self.algorithms = tuple(degrees), tuple(algorithms)
         self.codecs = None if codecs is None else tuple(codecs)
         self.shortlist, self.trial_steps = shortlist, trial_steps
-        self.check_every, self.drift = check_every, drift
+        self.check_every, self.drift, self.timer = check_every, drift, timer
         self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS)
         # capacity bucket -> its trials still to run, those already run, the winner's reason;
         # kept per bucket, so that alternating buckets each finish their own trials
@@ -219,7 +222,7 @@ class AdaptiveScheduler(Scheduler):
 
     def _time_last_step(self) -> None:
         """The time since the last call is the last step's; it belongs to the last decision."""
-        now = time.perf_counter()
+        now = self.timer()
         if self._last_call is not None and self._last_decision is not None:
             _record(self._last_decision, 1e3 * (now - self._last_call))
         self._last_call = now
