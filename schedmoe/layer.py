@@ -34,6 +34,7 @@ from .control.recorder import StepRecorder
 from .control.stats import LayerStats
 from .errors import ConfigError
 from .exchange import events
+from .ops.codecs import checks
 from .ops.codecs.codec_set import CodecSet
 from .ops.experts import mark_expert_parameters
 from .ops.experts.ranges import load_expert_range, save_expert_range
@@ -130,7 +131,8 @@ class MoELayer(nn.Module):
         cfg = self.config
         # Inside a backward pass, a forward is an activation checkpoint's recompute: it must
         # repeat the decisions of the forward it recomputes, and leaves the stats alone.
-        recompute = torch._C._current_graph_task_id() != -1
+        compiling = torch.compiler.is_compiling()  # the host-side bookkeeping stays out
+        recompute = not compiling and torch._C._current_graph_task_id() != -1
         device = next(self.parameters()).device
         fresh = [StepRecorder(device, trace=cfg.trace)]  # a retry's timer starts afresh
 
@@ -146,11 +148,17 @@ class MoELayer(nn.Module):
                  timer: StepRecorder) -> tuple:
             return self._exchange(x, local, routed, agreed, timer, recompute, rider, running)
 
-        agreed, (plan, layout, y_P, ctx), timer = self._agreement.run(
-            local, device, send, new_timer, ride=self._can_guess(), objects=self._live(),
+        run = self._agreement.run
+        if compiling and (self.ragged or self.group.distributed):
+            # Driven from the host (split sizes, collectives): eager, between compiled graphs.
+            run = torch.compiler.disable(run)
+        agreed, (plan, layout, y_P, ctx), timer = run(
+            local, send, new_timer, ride=self._can_guess(), objects=self._live(),
             moved=self._call_key != self._ran_key, may_ride=self._may_ride(),
             observe=self._observe if self.codecs.uses_feedback else None)
         self._ran_key = self._call_key
+        if plan is None:
+            raise AssertionError("a rank that sent a placeholder passed the agreement")
 
         num_tokens = plan.kept_TK.shape[0]
         with timer("decode"):
@@ -165,9 +173,8 @@ class MoELayer(nn.Module):
                                    sequences, self.balance_group)
         aux = balance + cfg.z_loss_weight * routing.z_loss
         if not recompute:
-            stats = LayerStats(num_tokens, agreed.capacity, local.limit, plan.counts_E.tolist(),
-                               plan.dropped_E.tolist(), plan.kept, plan.dropped, plan.kept_TK,
-                               ctx.notes, timer)
+            stats = LayerStats(num_tokens, agreed.capacity, local.limit, plan.counts_E,
+                               plan.dropped_E, plan.kept_TK, ctx.notes, timer)
             self._last[None] = self._last[events.caller()] = (aux, stats)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
@@ -181,7 +188,9 @@ class MoELayer(nn.Module):
     @property
     def last_stats(self) -> LayerStats | None:
         """What the last call did on this rank; inside an interleaved step, the calling
-        micro-batch's last call."""
+        micro-batch's last call. Raises the `CorruptPayloadError` of a payload found corrupt
+        since the last call, if any (waiting for the device's checks)."""
+        checks.raise_failure(wait=True)
         return self._last.get(events.caller(), (None, None))[1]
 
     def runtime_state(self) -> dict:
@@ -306,11 +315,9 @@ class MoELayer(nn.Module):
         ctx = StepContext(self.experts, a2a, codecs, timer, layout,
                           recompute=recompute, rider=rider, shared=shared)
         y_P = scheduler.run(x_P, ctx)
-        if rider is not None and rider.agreed is None:
+        if rider is not None and not rider.arrived:
             raise ConfigError(f"{scheduler.describe()} sets carries_agreement but sent no "
                               "dispatch through ctx.dispatch or ctx.start_dispatch")
-        if plan is None:
-            raise AssertionError("a rank that sent a placeholder passed the agreement")
         return plan, layout, y_P, ctx
 
     def _route(self, x: torch.Tensor, device: torch.device,
@@ -322,7 +329,12 @@ class MoELayer(nn.Module):
                             cfg.allow_empty)
         try:
             self._refresh()
-        except Exception as exc:  # a bad new option: raised on every rank by the agreement
+            # A payload found corrupt on the device since the last call (ops/codecs/checks.py):
+            # reported now, through the agreement, so that every rank raises it (a compiled
+            # call leaves it to the next eager call or to `last_stats`).
+            if not torch.compiler.is_compiling():
+                checks.raise_failure()
+        except Exception as exc:  # raised on every rank by the agreement
             if local.problem == OK:
                 local.problem, local.error = FAILED, exc
         if self.ragged:

@@ -4,6 +4,7 @@ A2A algorithm, on 4 gloo ranks; and what the layout does with empty segments and
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,8 +89,8 @@ def test_ragged_equals_padded_on_a_skewed_router(scheduler, options):
 
 
 def test_layout_chunks_every_segment_alike():
-    send_Wn = torch.tensor([[3, 0], [1, 5]])
-    layout = RaggedLayout(send_Wn, torch.tensor([[2, 2], [0, 1]]), capacity=5)
+    send_Wn = np.array([[3, 0], [1, 5]])
+    layout = RaggedLayout(send_Wn, np.array([[2, 2], [0, 1]]), capacity=5)
     x_NM = torch.arange(9.0).unsqueeze(1)  # segment rows: [0 1 2] [] [3] [4 5 6 7 8]
     parts = [layout.slice(x_NM, lo, hi) for lo, hi in ((0, 2), (2, 4), (4, 5))]
     assert [p.squeeze(1).tolist() for p in parts] == [[0, 1, 3, 4, 5], [2, 6, 7], [8]]

@@ -32,8 +32,7 @@ class Hierarchical2D(A2AAlgorithm):
         if even:
             node_sizes = [send] * topo.local_size
         else:
-            node_sizes = all_gather_ints(send, topo.intra, x.device,
-                                         "2dh split-size exchange").tolist()
+            node_sizes = all_gather_ints(send, topo.intra, "2dh split-size exchange")
         return A2AHandle(self._two_phases(x, send, recv, node_sizes))
 
     def _two_phases(self, x, send, recv, node_sizes):

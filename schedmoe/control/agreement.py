@@ -48,11 +48,14 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..comm.groups import EPGroup, all_gather_ints, collective
 from ..errors import ConfigMismatchError, InputError, StepError
+from ..ops.codecs import checks
+from ..ops.codecs.compressor import CorruptPayloadError
 from .rider import Rider
 
 T = TypeVar("T")
@@ -120,7 +123,8 @@ def check_input(x: object, device: torch.device, model_dim: int, experts: torch.
     if not isinstance(x, torch.Tensor):
         return LocalStep(NOT_TENSOR, note=type(x).__name__)
     local = LocalStep(dtype=str(x.dtype).removeprefix("torch."), device_type=x.device.type)
-    local.graph = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
+    inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+    local.graph = torch.is_grad_enabled() and not inference and (
         x.requires_grad or any(p.requires_grad for p in experts.parameters()))
     local.input_grad = local.graph and x.requires_grad
     if x.device.type != device.type or x.device.type == "meta":
@@ -146,7 +150,7 @@ class Agreed:
     input_grad: bool  # some rank's input needs a gradient
     layouts: tuple[int, ...]  # every rank's layout hash
     dtype: str = "-"  # the input dtype, the same on every rank
-    counts_WE: torch.Tensor | None = None  # ragged: rows each rank sends to each expert
+    counts_WE: np.ndarray | None = None  # ragged: rows each rank sends to each expert (host)
 
     def same_call(self, other: "Agreed | None") -> bool:
         """Whether a call agreeing `other` exchanges the same shapes as this one."""
@@ -187,7 +191,7 @@ class Agreement:
         # rank whose options changed since sends its placeholders through them (as_ran).
         self._ran: tuple[tuple, tuple] = ((), ())
 
-    def run(self, local: LocalStep, device: torch.device, send: Send[T],
+    def run(self, local: LocalStep, send: Send[T],
             new_timer: Callable[[], Any], *, ride: bool, objects: tuple, moved: bool,
             may_ride: bool, observe: Callable[[Agreed], None] | None = None
             ) -> tuple[Agreed, T, Any]:
@@ -205,7 +209,7 @@ class Agreement:
         timer = new_timer()
         guess = self.guess if ride else None
         if guess is None:
-            agreed = self._agree(local, device, timer, observe)
+            agreed = self._agree(local, timer, observe)
             result = send(agreed, None, None, timer)
         else:
             running = None  # the live objects
@@ -216,12 +220,13 @@ class Agreement:
             rider = self.rider(local, guess)
             try:
                 result = send(guess, rider, running, timer)
-                agreed = rider.agreed
+                with timer("agree"):
+                    agreed = rider.conclude()
             except Misguessed as miss:  # every rank alike: run the call at the agreed shapes
                 timer = new_timer()
                 if miss.resync:  # every rank's options changed alike: agree on the new ones
                     local.problem = OK
-                    agreed = self._agree(local, device, timer, observe)
+                    agreed = self._agree(local, timer, observe)
                 else:
                     agreed = miss.agreed
                 result = send(agreed, None, None, timer)
@@ -231,10 +236,10 @@ class Agreement:
         self._ran = (objects, tuple(copy.copy(obj) for obj in objects))
         return agreed, result, timer
 
-    def _agree(self, local: LocalStep, device: torch.device, timer: Any,
+    def _agree(self, local: LocalStep, timer: Any,
                observe: Callable[[Agreed], None] | None) -> Agreed:
         with timer("agree"):
-            agreed = self.agree(local, device, local.counts)
+            agreed = self.agree(local, local.counts)
         if observe is not None:
             observe(agreed)
         return agreed
@@ -256,8 +261,7 @@ class Agreement:
         """This rank's options differ from those the last call agreed on."""
         return self._agreed_crc is not None and self._options_crc != self._agreed_crc
 
-    def agree(self, local: LocalStep, device: torch.device,
-              counts: list[int] | None = None) -> Agreed:
+    def agree(self, local: LocalStep, counts: list[int] | None = None) -> Agreed:
         """Swap the records; raise the same typed error on every rank if anything is wrong.
         `counts` (ragged rows: rows for each expert) ride in the same record if the last
         all-gather had them too (records of one length on every rank: a rank without counts
@@ -265,27 +269,29 @@ class Agreement:
         ride = self._counts_ride
         extra = (counts if counts is not None else [0] * self.num_experts) if ride else []
         record = [self._options_crc, *local.record(), *extra]
-        record_WF = all_gather_ints(record, self.group, device,
-                                    "the per-call agreement of MoELayer")
-        agreed = self.conclude(record_WF[:, :1 + len(_COLUMNS)], local)
+        rows = all_gather_ints(record, self.group, "the per-call agreement of MoELayer")
+        width = 1 + len(_COLUMNS)
+        agreed = self.conclude([row[:width] for row in rows], local)
         if counts is not None:
-            agreed.counts_WE = record_WF[:, 1 + len(_COLUMNS):] if ride else all_gather_ints(
-                counts, self.group, device, "the split-size exchange of MoELayer")
+            counts_WE = [row[width:] for row in rows] if ride else all_gather_ints(
+                counts, self.group, "the split-size exchange of MoELayer")
+            agreed.counts_WE = np.asarray(counts_WE, dtype=np.int64)
         self._counts_ride = counts is not None  # the same on every rank: the options agree
         return agreed
 
     def rider(self, local: LocalStep, guess: Agreed) -> Rider:
         """This call's record, to ride on the first dispatch sent under `guess`."""
         return Rider([self._options_crc, *local.record()],
-                     lambda record_WF: self.conclude(record_WF, local, guess))
+                     lambda rows: self.conclude(rows, local, guess))
 
-    def conclude(self, record_WF: torch.Tensor, local: LocalStep,
+    def conclude(self, rows: list[list[int]], local: LocalStep,
                  guess: Agreed | None = None) -> Agreed:
-        """What every rank's record says; the same typed error on every rank if anything is
-        wrong, Misguessed if the call was sent under a `guess` that turned out wrong."""
-        col = {name: record_WF[:, 1 + i].tolist() for i, name in enumerate(_COLUMNS)}
+        """What every rank's record (`rows`, by rank) says; the same typed error on every rank
+        if anything is wrong, Misguessed if the call was sent under a `guess` that turned out
+        wrong."""
+        col = {name: [row[1 + i] for row in rows] for i, name in enumerate(_COLUMNS)}
         problems = col["problem"]
-        crcs = set(record_WF[:, 0].tolist())
+        crcs = {row[0] for row in rows}
         if len(crcs) > 1 or any(code not in (OK, RECONFIGURED) for code in problems):
             self._raise(local, problems)
         self._agreed_crc = crcs.pop()
@@ -311,6 +317,7 @@ class Agreement:
     # -- the error path: every rank takes it together ------------------------------------------
 
     def _raise(self, local: LocalStep, problems: list[int]) -> None:
+        checks.discard()  # the error raised here, on every rank, supersedes any pending check
         reports = self._swap((self.options, _describe(local)))
         options_W = [opts for opts, _ in reports]
         differing = [name for name in self.options
@@ -334,8 +341,13 @@ class Agreement:
         failed = [r for r in bad if problems[r] == FAILED]
         if failed:
             text = "; ".join(f"rank {r}: {reports[r][1]}" for r in failed)
-            error = StepError(f"the layer failed before its exchange on rank(s) {failed} ({text}); "
-                              "every rank of the EP group stops")
+            # A payload a rank found corrupt since its last call (ops/codecs/checks.py) is
+            # raised as such everywhere; any other failure as a StepError.
+            corrupt = all(reports[r][1].startswith(CorruptPayloadError.__name__ + ":")
+                          for r in failed)
+            kind = CorruptPayloadError if corrupt else StepError
+            error = kind(f"the layer failed before its exchange on rank(s) {failed} ({text}); "
+                         "every rank of the EP group stops")
             raise error from local.error
         r = bad[0]
         who = "this rank's" if r == self.group.rank else f"rank {r}'s"

@@ -10,18 +10,21 @@ from typing import Any, Callable
 
 import torch
 
+from ..comm.host import to_device
 from ..ops.codecs.compressor import CorruptPayloadError, Wire
 
 
 class Rider:
     """One call's record riding on the first dispatch exchange: appended to every slice sent,
-    split off every slice received and checked before anything is decoded."""
+    split off every slice received, and concluded once the call's exchanges are issued, before
+    anything is decoded (`conclude`)."""
 
-    def __init__(self, record: list[int], conclude: Callable[[torch.Tensor], Any]) -> None:
+    def __init__(self, record: list[int], conclude: Callable[[list[list[int]]], Any]) -> None:
         self._record_F = torch.tensor(record, dtype=torch.int64)
         self._conclude = conclude
+        self._records_WB: torch.Tensor | None = None  # every rank's record, as it arrived
         self.claimed = False
-        self.agreed: Any = None  # set once the records have arrived and agree
+        self.agreed: Any = None  # set by `conclude` once the records agree
 
     def claim(self) -> "Rider | None":
         """Self for the first exchange that asks (the first dispatch), None afterwards."""
@@ -30,17 +33,21 @@ class Rider:
         self.claimed = True
         return self
 
+    @property
+    def arrived(self) -> bool:
+        return self._records_WB is not None
+
     def attach(self, wire: Wire) -> Wire:
         """The wire with this rank's record after every slice."""
-        record_R = self._record_F.view(torch.uint8).to(wire.data.device)
+        record_R = to_device(self._record_F.view(torch.uint8), wire.data.device)
         pieces = []
         for slice_B in torch.split(wire.data, wire.sizes):
             pieces += [slice_B, record_R]
         return Wire(torch.cat(pieces), [size + record_R.numel() for size in wire.sizes])
 
     def detach(self, data: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """Split the records off the slices received, conclude the agreement from them (raises
-        the typed error or Misguessed), and return the bare payload and its slice sizes."""
+        """Split the records off the slices received (kept, on the device, for `conclude`),
+        and return the bare payload and its slice sizes."""
         record_bytes = self._record_F.numel() * 8
         if any(size < record_bytes for size in sizes) or sum(sizes) != data.numel():
             raise CorruptPayloadError(f"the first dispatch carries a {record_bytes}-byte record "
@@ -49,7 +56,15 @@ class Rider:
         for slice_B in torch.split(data, sizes):
             bodies.append(slice_B[:-record_bytes])
             records.append(slice_B[-record_bytes:])
-        # A host sync on GPUs, which the algorithm needs: nothing is decoded before the check.
-        records_WF = torch.stack(records).cpu().view(torch.int64)
-        self.agreed = self._conclude(records_WF)
+        self._records_WB = torch.stack(records)
         return torch.cat(bodies), [size - record_bytes for size in sizes]
+
+    def conclude(self) -> Any:
+        """What the records say (raises the typed error or Misguessed, on every rank alike).
+        Read once the call's exchanges are issued, so the device has the whole call queued."""
+        # A host sync on GPUs, which the algorithm needs: no output leaves the layer before
+        # every rank knows that every record agrees (deferring it by a call would let a bad
+        # rank's gradients reach the optimizer).
+        rows = self._records_WB.view(torch.int64).tolist()
+        self.agreed = self._conclude(rows)
+        return self.agreed

@@ -11,18 +11,36 @@ from .recorder import StepRecorder
 
 @dataclass
 class LayerStats:
-    """What the last forward did on this rank."""
+    """What the last forward did on this rank. The counts stay device tensors until read (no
+    host sync on the hot path)."""
 
     tokens: int  # T
     capacity: int  # C of the exchanged buffer (max over ranks)
     limit: int  # this rank's own capacity limit
-    counts: list[int]  # (token, choice) pairs routed to each global expert, before dropping
-    dropped_per_expert: list[int]
-    processed: int  # pairs that reached an expert
-    dropped: int  # pairs dropped; processed + dropped == tokens * top_k
+    counts_E: torch.Tensor = field(repr=False)  # pairs routed to each global expert
+    dropped_E: torch.Tensor = field(repr=False)  # pairs dropped at each expert
     kept_TK: torch.Tensor = field(repr=False)  # bool [T, K]: which (token, choice) pairs were kept
     schedule: dict = field(repr=False)  # what the scheduler decided for this call (adaptive)
     timer: StepRecorder = field(repr=False)
+
+    @property
+    def counts(self) -> list[int]:
+        """(token, choice) pairs routed to each global expert, before dropping."""
+        return self.counts_E.tolist()
+
+    @property
+    def dropped_per_expert(self) -> list[int]:
+        return self.dropped_E.tolist()
+
+    @property
+    def dropped(self) -> int:
+        """Pairs dropped; processed + dropped == tokens * top_k."""
+        return int(self.dropped_E.sum())
+
+    @property
+    def processed(self) -> int:
+        """Pairs that reached an expert."""
+        return int(self.kept_TK.sum())
 
     @property
     def op_ms(self) -> dict[str, float]:

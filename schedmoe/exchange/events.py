@@ -8,12 +8,16 @@ higher one through hooks the higher one subscribes to, never by importing it.
   compute to another micro-batch meanwhile).
 - `caller()`: the micro-batch of an interleaved step that is calling, None outside one (a
   layer keeps each caller's stats apart).
+
+Inside a compiled graph (torch.compile) no event is told: the graph runs as a whole.
 """
 
 from __future__ import annotations
 
 import contextlib
 from typing import Callable, ContextManager, Iterator
+
+import torch
 
 _started: list[Callable[[object], None]] = []
 _arrived: list[Callable[[object], None]] = []
@@ -34,18 +38,22 @@ def on_turns(waiting: Callable[[], ContextManager], caller: Callable[[], int | N
 
 
 def started(exchange: object) -> None:
+    if torch.compiler.is_compiling():
+        return  # a compiled graph runs whole: no link or turns to tell
     for listener in _started:
         listener(exchange)
 
 
 def arrived(exchange: object) -> None:
+    if torch.compiler.is_compiling():
+        return
     for listener in _arrived:
         listener(exchange)
 
 
 @contextlib.contextmanager
 def waiting() -> Iterator[None]:
-    if _waiting is None:
+    if _waiting is None or torch.compiler.is_compiling():
         yield
         return
     with _waiting():

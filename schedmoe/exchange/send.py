@@ -10,8 +10,8 @@ sends the gradient back the same way with the gradient codec; for a lossy codec 
 is straight-through (the round trip is treated as the identity).
 
 A call's first dispatch may carry a `Rider` (the per-call agreement record, control/rider.py):
-appended to every slice after compression, split off and checked on arrival before anything
-is decompressed.
+appended to every slice after compression and split off on arrival; the agreement checks it
+once the call's exchanges are issued, before the layer decodes anything.
 """
 
 from __future__ import annotations
@@ -21,13 +21,14 @@ from typing import Callable, ContextManager, Protocol
 import torch
 
 from ..a2a_algos.base import A2AAlgorithm
+from ..ops.codecs import checks
 from ..ops.codecs.compressor import Compressor, SliceSpec, Wire
 from . import events
 
 
 class Rider(Protocol):
     """What may ride on a call's first dispatch: the per-call agreement record
-    (control/rider.py), appended after compression and checked on arrival."""
+    (control/rider.py), appended after compression and split off on arrival."""
 
     def attach(self, wire: Wire) -> Wire: ...
 
@@ -39,9 +40,9 @@ class StepRecorder(Protocol):
 
     def __call__(self, op: str, chunk: int | None = None) -> ContextManager: ...
 
-    def now(self) -> float: ...
+    def now(self) -> object: ...  # a mark: host seconds or a CUDA event
 
-    def interval(self, op: str, start: float, chunk: int | None = None,
+    def interval(self, op: str, start: object, chunk: int | None = None,
                  stream: str = "compute") -> None: ...
 
     def count_bytes(self, name: str, raw: int, wire: int) -> None: ...
@@ -71,10 +72,10 @@ class PendingSend:
         finally:
             events.arrived(self)
         self._rec.interval(self._name + ".a2a", self._issued, self._chunk, stream="comm")
-        if self._rider is not None:
-            with self._rec("agree"):  # raises on every rank alike if the records disagree
-                data, sizes = self._rider.detach(data, sizes)
-        with self._rec(self._name + ".decompress", self._chunk):
+        if self._rider is not None:  # concluded once the call is issued (control/agreement.py)
+            data, sizes = self._rider.detach(data, sizes)
+        # Payload checks run on the device and are read later (ops/codecs/checks.py).
+        with self._rec(self._name + ".decompress", self._chunk), checks.deferred():
             return self._decode(data, sizes)
 
 

@@ -29,9 +29,11 @@ chunk is ready once each parameter in it has received its gradient from each of 
 `micro_batches` backward passes.
 Chunks go out strictly in chunk order (the same on every rank, whatever order they get ready
 in) as async all-reduces on a process group of their own (so that they never queue in front of
-an A2A in the EP group's worker threads), at most `window` in flight, and only while no
+an A2A in the EP group's worker threads), at most `window` at a moment, and only while no
 exchange is in flight (link.py): the A2As have priority, a chunk waits for the next idle
-moment. A moment is any gradient arriving or exchange finishing.
+moment. A moment is any gradient arriving or exchange finishing: points of the program, so
+every rank sends each chunk at the same place among its exchanges whatever the timing (no
+decision reads whether a collective has completed).
 `finish()` sends what is left, waits, and applies data_parallel.py's scale rule: the dense
 gradients become the mean over all W ranks, the expert gradients the sum over their EDP group
 divided by W. The result equals the DDP recipe's.
@@ -89,7 +91,6 @@ class GradSync:
             for p, _, _ in chunk.pieces:
                 self._chunks_of.setdefault(id(p), []).append(chunk)
         self._next = 0  # the first chunk not yet sent
-        self._in_flight: list[_Chunk] = []
         self._hooks = [p.register_post_accumulate_grad_hook(self._arrived) for p in dense]
         link.listen(self._pump)
 
@@ -124,18 +125,20 @@ class GradSync:
         chunk.flat = torch.cat(pieces)
 
     def _pump(self) -> None:
-        """Send the next chunks, if ready, while the link is free of exchanges and the window
-        allows."""
-        self._in_flight = [c for c in self._in_flight if not c.work.is_completed()]
+        """At a moment (a gradient arrived, the link went idle): send the next chunks that are
+        ready, at most `window` of them, unless an exchange is in flight. Every input to this
+        decision follows from the program (the order of the backward's gradients and of the
+        exchanges' waits), never from timing, so every rank issues its all-reduces at the
+        same points among its A2As: NCCL needs that order across communicators."""
+        sent = 0
         while (self._next < len(self.chunks) and self.chunks[self._next].flat is not None
-               and len(self._in_flight) < self.window
-               and not (self.wait_for_link and link.busy())):
+               and sent < self.window and not (self.wait_for_link and link.busy())):
             self._send_next()
+            sent += 1
 
     def _send_next(self) -> None:
         chunk = self.chunks[self._next]
         chunk.work = dist.all_reduce(chunk.flat, group=self.group, async_op=True)
-        self._in_flight.append(chunk)
         self._next += 1
 
     @torch.no_grad()
@@ -184,7 +187,6 @@ class GradSync:
     def _reset(self) -> None:
         for chunk in self.chunks:
             chunk.arrived, chunk.flat, chunk.work = 0, None, None
-        self._in_flight.clear()
         self._next = 0
 
     def close(self) -> None:

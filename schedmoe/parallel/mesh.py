@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from ..comm.groups import EPGroup
+from ..comm.groups import EPGroup, serves_cuda
 from ..errors import ConfigError
 from ..layer import MoELayer
 
@@ -88,7 +88,7 @@ def init_parallel(ep_size: int, *, ep_contiguous: bool = True,
     ep_pg = _member_group([grid[:, i].tolist() for i in range(edp)], timeout)
     edp_pg = _member_group(grid.tolist(), timeout)
     if device_type is None:
-        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        device_type = "cuda" if serves_cuda(dist.group.WORLD) else "cpu"
     mesh = DeviceMesh.from_group([ep_pg, edp_pg], device_type, mesh=grid.contiguous(),
                                  mesh_dim_names=("ep", "edp"))
     world_mesh = DeviceMesh.from_group(dist.group.WORLD, device_type,

@@ -9,5 +9,5 @@ out.
   experts see them. The choice is made once per call (`layout_for`) and the other modules ask
   the layout instead of branching on it.
 
-Data plane. May import: `errors`.
+Data plane. May import: `errors`, `comm/` (index tensors sent without a sync).
 """

@@ -24,20 +24,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
+from ..comm.host import to_device
 from .plans import DispatchPlan, combine, gather, padded_plan, rows_plan, scatter
 
 
 def layout_for(capacity: int, world: int, local_experts: int, send_counts: list[int] | None,
-               counts_WE: torch.Tensor | None, offset: int) -> "PaddedLayout | RaggedLayout":
+               counts_WE: np.ndarray | None, offset: int) -> "PaddedLayout | RaggedLayout":
     """The layout of one call: ragged rows if the agreement swapped every rank's split sizes
     (`counts_WE`: rows each rank sends to each expert), else padded. `send_counts`: this rank's
     own rows per expert, `offset`: its first expert."""
     if counts_WE is None:
         return PaddedLayout(capacity, world, local_experts)
-    send_Wn = torch.tensor(send_counts).view(world, local_experts)
+    send_Wn = np.asarray(send_counts, dtype=np.int64).reshape(world, local_experts)
     return RaggedLayout(send_Wn, counts_WE[:, offset:offset + local_experts], capacity)
 
 
@@ -78,7 +80,9 @@ class PaddedLayout:
                            dtype=dtype, device=device)
 
     def decode(self, y_WnCM: torch.Tensor, plan: DispatchPlan, num_tokens: int) -> torch.Tensor:
-        y_NM = y_WnCM.reshape(-1, y_WnCM.shape[-1]).index_select(0, plan.slot_N)
+        y_XM = y_WnCM.reshape(-1, y_WnCM.shape[-1])
+        # A dropped pair reads some row (its slot E * C clamped) and adds it with weight 0.
+        y_NM = y_XM.index_select(0, plan.slot_N.clamp(max=max(len(y_XM) - 1, 0)))
         return combine(y_NM, plan, num_tokens)
 
     def slice(self, x_WnCM: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -110,17 +114,24 @@ class PaddedLayout:
 @dataclass
 class RaggedLayout:
     """Segments of exactly their rows. `send_Wn[w, e]`: rows this rank sends to local expert e
-    of rank w; `recv_Wn[w, e]`: rows it receives from rank w for its local expert e."""
+    of rank w; `recv_Wn[w, e]`: rows it receives from rank w for its local expert e. Both are
+    host metadata (numpy, from the one copy of the split sizes a call makes): every index the
+    device needs is computed on the host and sent without a sync (comm/host.py)."""
 
-    send_Wn: torch.Tensor  # int64, CPU
-    recv_Wn: torch.Tensor  # int64, CPU
+    send_Wn: np.ndarray  # int64
+    recv_Wn: np.ndarray  # int64
     capacity: int  # the largest segment in the group: chunks split [0, C)
     ragged = True
     _index: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        self.send_Wn = np.asarray(self.send_Wn, dtype=np.int64)
+        self.recv_Wn = np.asarray(self.recv_Wn, dtype=np.int64)
+
     def plan(self, expert_TK: torch.Tensor, weight_TK: torch.Tensor, slot_TK: torch.Tensor,
              counts_E: torch.Tensor, limit: int) -> DispatchPlan:
-        return rows_plan(expert_TK, weight_TK, slot_TK, counts_E, limit)
+        return rows_plan(expert_TK, weight_TK, slot_TK, counts_E, limit,
+                         int(self.send_Wn.sum()))
 
     def encode(self, x_TM: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """The kept tokens as `[N, M]` rows, ordered by (rank, expert, slot)."""
@@ -145,56 +156,63 @@ class RaggedLayout:
         (grouped GEMMs), back in the order they arrived."""
         dtype = next(experts.parameters(), recv_RM).dtype
         perm_R, counts = self.expert_order(lo, hi)
-        perm_R = perm_R.to(recv_RM.device)
+        perm_R = self._on(recv_RM.device, ("order", lo, hi), perm_R)
         y_RM = experts.forward_ragged(recv_RM.index_select(0, perm_R).to(dtype),
                                       counts).to(recv_RM.dtype)
         return torch.empty_like(y_RM).index_copy(0, perm_R, y_RM)
 
     @staticmethod
-    def part(counts_Wn: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    def part(counts_Wn: np.ndarray, lo: int, hi: int) -> np.ndarray:
         """Rows of each segment that fall in slots [lo, hi)."""
-        return (counts_Wn.clamp(max=hi) - lo).clamp(min=0)
+        return np.clip(np.minimum(counts_Wn, hi) - lo, 0, None)
 
     def rows(self, lo: int, hi: int, side: str) -> list[int]:
         """Rows per rank of chunk [lo, hi): sent to each rank ("send") or received from each
         ("recv")."""
         counts_Wn = self.send_Wn if side == "send" else self.recv_Wn
-        return self.part(counts_Wn, lo, hi).sum(dim=1).tolist()
+        return self.part(counts_Wn, lo, hi).sum(axis=1).tolist()
 
-    def index(self, lo: int, hi: int, side: str) -> torch.Tensor:
+    def index(self, lo: int, hi: int, side: str) -> np.ndarray:
         """Positions, in the whole side's rows, of the rows of chunk [lo, hi)."""
-        key = (lo, hi, side)
-        if key not in self._index:
-            counts = (self.send_Wn if side == "send" else self.recv_Wn).reshape(-1)
-            starts = torch.cumsum(counts, 0) - counts
-            self._index[key] = _runs(starts + lo, self.part(counts, lo, hi))
-        return self._index[key]
+        counts = (self.send_Wn if side == "send" else self.recv_Wn).reshape(-1)
+        starts = np.cumsum(counts) - counts
+        return _runs(starts + lo, self.part(counts, lo, hi))
 
     def slice(self, x_NM: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         if (lo, hi) == (0, self.capacity):
             return x_NM
-        return x_NM.index_select(0, self.index(lo, hi, "send").to(x_NM.device))
+        return x_NM.index_select(0, self._on(x_NM.device, ("send", lo, hi),
+                                             lambda: self.index(lo, hi, "send")))
 
     def cat(self, parts: list[torch.Tensor], bounds: list[tuple[int, int]]) -> torch.Tensor:
         if len(parts) == 1:
             return parts[0]
-        index = torch.cat([self.index(lo, hi, "send") for lo, hi in bounds]).to(parts[0].device)
+        index = self._on(parts[0].device, ("cat", *bounds), lambda: np.concatenate(
+            [self.index(lo, hi, "send") for lo, hi in bounds]))
         return torch.empty_like(torch.cat(parts)).index_copy(0, index, torch.cat(parts))
 
     def chunk_bytes(self, shape: tuple[int, ...], itemsize: int, lo: int, hi: int) -> int:
         return int(self.part(self.send_Wn, lo, hi).sum()) * shape[-1] * itemsize
 
-    def expert_order(self, lo: int, hi: int) -> tuple[torch.Tensor, list[int]]:
+    def expert_order(self, lo: int, hi: int) -> tuple[np.ndarray, list[int]]:
         """For the received rows of chunk [lo, hi) (ordered by source rank, then expert): the
         permutation to expert-major order, and the rows of each local expert."""
         take_Wn = self.part(self.recv_Wn, lo, hi)
-        starts_Wn = (torch.cumsum(take_Wn.reshape(-1), 0) - take_Wn.reshape(-1)).view_as(take_Wn)
-        return _runs(starts_Wn.t().reshape(-1), take_Wn.t().reshape(-1)), \
-            take_Wn.sum(dim=0).tolist()
+        starts_Wn = (np.cumsum(take_Wn.reshape(-1)) - take_Wn.reshape(-1)).reshape(take_Wn.shape)
+        return _runs(starts_Wn.T.reshape(-1), take_Wn.T.reshape(-1)), \
+            take_Wn.sum(axis=0).tolist()
+
+    def _on(self, device: torch.device, key: tuple, host) -> torch.Tensor:
+        """The index `host` (an array, or a function making one) on `device`, made once per
+        key and sent without a sync."""
+        if key not in self._index:
+            values = host() if callable(host) else host
+            self._index[key] = to_device(torch.from_numpy(np.ascontiguousarray(values)), device)
+        return self._index[key]
 
 
-def _runs(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The concatenation of arange(starts[i], starts[i] + lengths[i]) for every i."""
-    run = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    first = torch.cumsum(lengths, 0) - lengths
-    return starts[run] + torch.arange(int(lengths.sum())) - first[run]
+    run = np.repeat(np.arange(lengths.size), lengths)
+    first = np.cumsum(lengths) - lengths
+    return (starts[run] + np.arange(int(lengths.sum())) - first[run]).astype(np.int64)

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from .capacity import count_per_expert
 
 BALANCE_LOSSES = ("gshard", "topk", "sequence", "global")
 
@@ -46,13 +47,13 @@ def balance_loss(kind: str, probs_TE: torch.Tensor, expert_TK: torch.Tensor,
                    zip(probs_TE.chunk(sequences), expert_TK.chunk(sequences))]
         return torch.stack(per_seq).mean()
     choices = expert_TK[:, :1] if kind == "gshard" else expert_TK
-    counts_E = torch.bincount(choices.reshape(-1), minlength=num_experts).float()
-    total = torch.tensor(float(choices.numel()), device=counts_E.device)
+    counts_E = count_per_expert(choices, num_experts).float()
+    total = counts_E.new_full((), choices.numel())
     if kind == "global" and group is not None:
         both = torch.cat([counts_E, total.view(1)])
         dist.all_reduce(both, group=group)
         counts_E, total = both[:-1], both[-1]
-    if num_tokens == 0 or float(total) == 0:
+    if num_tokens == 0:  # (then the other ranks' tokens do not count here either)
         return probs_TE.sum()
     return num_experts * torch.sum(probs_TE.mean(dim=0) * counts_E / total)
 

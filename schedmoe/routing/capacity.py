@@ -58,7 +58,7 @@ def locate(expert_TK: torch.Tensor, num_experts: int,
               + order_T.unsqueeze(0)).reshape(-1)
     expert_P = expert_TK.t().reshape(-1)[pair_P]
     by_expert_P = torch.argsort(expert_P, stable=True)
-    counts_E = torch.bincount(expert_P, minlength=num_experts)
+    counts_E = count_per_expert(expert_P, num_experts)
     start_E = torch.cumsum(counts_E, 0) - counts_E
     sorted_expert_P = expert_P[by_expert_P]
     slot_P = torch.arange(pair_P.numel(), device=expert_TK.device) - start_E[sorted_expert_P]
@@ -76,3 +76,10 @@ def layout_hash(expert_TK: torch.Tensor, slot_TK: torch.Tensor, limit: int) -> i
     same slot. Copies the routing to the host (a sync on GPUs); only error feedback needs it."""
     raw = torch.stack([expert_TK, slot_TK]).to("cpu", torch.int64).numpy()
     return zlib.crc32(np.ascontiguousarray(raw).tobytes(), limit & 0xFFFFFFFF) & 0x7FFFFFFF
+
+
+def count_per_expert(expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of `expert_N` name each expert: `bincount` with a size known beforehand, so no
+    host sync on GPUs (bincount reads the largest value first)."""
+    return torch.zeros(num_experts, dtype=torch.int64, device=expert_N.device).scatter_add_(
+        0, expert_N.reshape(-1), torch.ones_like(expert_N.reshape(-1)))

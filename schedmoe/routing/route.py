@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..comm.host import HostCopy
 from .base import Router, Routing
 from .capacity import capacity_limit, layout_hash, locate
 
@@ -36,12 +37,16 @@ def route(gate: Router, x_TM: torch.Tensor, *, num_experts: int, top_k: int,
     priority_T = routing.weight_TK[:, 0].detach() if drop_policy == "probability" else None
     slot_TK, counts_E = locate(routing.expert_TK, num_experts, priority_T)
     num_tokens = x_TM.shape[0]
-    # A host sync only in dropless mode, whose capacity depends on the routing.
-    needed = int(counts_E.max()) if num_tokens and capacity_factor <= 0 else 0
+    counts = None
+    if ragged or capacity_factor <= 0:
+        # The one device-to-host copy of a call whose shapes depend on the routing (ragged
+        # rows, dropless capacity): pairs per expert, started at once, waited for here.
+        counts = HostCopy(counts_E).value().tolist()
+    needed = max(counts) if counts and capacity_factor <= 0 else 0
     limit = capacity_limit(capacity_factor, top_k, num_tokens, num_experts, needed)
     routed = Routed(routing, slot_TK, counts_E, limit)
     if feedback:
         routed.layout = layout_hash(routing.expert_TK, slot_TK, limit)
-    if ragged:  # the ragged exchange's split sizes (a host sync the algorithm needs)
-        routed.counts = counts_E.clamp(max=limit).tolist()
+    if ragged:  # the ragged exchange's split sizes
+        routed.counts = [min(count, limit) for count in counts]
     return routed

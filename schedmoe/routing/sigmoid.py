@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 from ..registry import register_gate
 from .base import Router, Routing, z_loss
+from .capacity import count_per_expert
 
 
 @register_gate("sigmoid_grouped")
@@ -77,7 +78,7 @@ class GroupLimitedSigmoidRouter(Router):
         expert_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
         if self.training and self.bias_update_rate > 0 and torch._C._current_graph_task_id() == -1:
             # counted once per training call (not again in a checkpoint's recompute)
-            self.load_E += torch.bincount(expert_TK.reshape(-1), minlength=self.num_experts)
+            self.load_E += count_per_expert(expert_TK, self.num_experts)
         weight_TK = scores_TE.gather(1, expert_TK)
         if self.normalize_weights:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)

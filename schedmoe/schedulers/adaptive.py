@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..comm.groups import collective
+from ..comm.groups import collective, collective_device
 from ..errors import ConfigError
 from ..ops.codecs.codec_set import CodecSet, make_codec
 from ..registry import register_scheduler, registry
@@ -437,10 +437,14 @@ class AdaptiveScheduler(Scheduler):
 
     @staticmethod
     def _all_max(values: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The maximum over the EP group, on the host (decisions are made there); reduced on
+        the device the group's backend serves (an NCCL-only group refuses CPU tensors)."""
         group = ctx.a2a.group
         if group.distributed:
+            on = values.to(collective_device(group.pg))
             with collective("the adaptive scheduler's agreement", group):
-                dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group.pg)
+                dist.all_reduce(on, op=dist.ReduceOp.MAX, group=group.pg)
+            values = on.cpu()  # a host sync, needed: the decision is taken on the host
         return values
 
 

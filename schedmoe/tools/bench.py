@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..comm.groups import serves_cuda
 from ..errors import ConfigError
 from ..layer import MoEConfig, MoELayer
 from ..ops.codecs.codec_set import CodecSet
@@ -111,7 +112,7 @@ def run_rank(rank: int, world: int, cfg: BenchConfig, progress: bool = True) -> 
 
 
 def _on_gpu() -> bool:
-    return dist.is_initialized() and dist.get_backend() == "nccl"
+    return dist.is_initialized() and serves_cuda(dist.group.WORLD)
 
 
 def _sync(device: torch.device) -> None:

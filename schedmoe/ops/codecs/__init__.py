@@ -2,6 +2,7 @@
 `int8` (+ error feedback `+ef`), `zstd` (lossless, byte-shuffled); the per-slice checksum
 wrapper (`verify`), and `CodecSet`, the codec of each of a layer's four exchanges.
 
-Data plane. May import: `errors`, `registry`. zstandard and numba load when a zstd codec is
-first used; cupy (GPU kernels) when a CUDA payload is first quantised.
+Data plane. May import: `errors`, `registry`, `comm` (host copies that never stall the device).
+Device-side payload checks are read later (`checks.py`). zstandard and numba load when a zstd
+codec is first used; cupy (GPU kernels) when a CUDA payload is first quantised.
 """

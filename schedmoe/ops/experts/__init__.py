@@ -3,7 +3,7 @@
 rows (`forward_ragged`, grouped GEMMs); the shared experts; and the state-dict hooks that record
 which global experts a rank holds (`ranges.py`).
 
-Data plane. May import: `errors`, `registry`.
+Data plane. May import: `errors`, `registry`, `comm`.
 """
 
 from .forms import (ClampedGLUExpert, Expert, FFNExpert, SwiGLUExpert, activation_name,

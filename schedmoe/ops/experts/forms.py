@@ -6,6 +6,7 @@ H hidden dim.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...comm.host import to_device
 from ...errors import ConfigError
 from ...registry import register_expert
 
@@ -84,12 +86,13 @@ class Expert(nn.Module):
             y_ECM = self(padded_ECM)
             return torch.cat([y_ECM[e, :n] for e, n in enumerate(counts)])
         if self._grouped_mm_fits(x_RM):
-            counts_E = torch.tensor(counts, device=x_RM.device)
-            offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
+            counts_E = to_device(counts, x_RM.device)
+            offs_E = to_device(list(itertools.accumulate(counts)), x_RM.device, torch.int32)
 
             def grouped(x, w_EIO, b_EO):
                 y = torch._grouped_mm(x, w_EIO, offs=offs_E)
-                return y if b_EO is None else y + b_EO.repeat_interleave(counts_E, dim=0)
+                return y if b_EO is None else y + b_EO.repeat_interleave(
+                    counts_E, dim=0, output_size=x.shape[0])
             return form(x_RM, grouped)
         outs = [form(piece, _one_expert(e)) for e, piece in enumerate(torch.split(x_RM, counts))
                 if piece.shape[0]]

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ... import parallel
+from ...comm.groups import serves_cuda
 from ...errors import CheckpointError, ConfigError
 from ..launch import planned_world, run_ranks_here
 from ...registry import registry
@@ -136,7 +137,7 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
     cfg.validate(world)
     layout = parallel.init_parallel(cfg.ep_size or world)
     device = torch.device("cuda", torch.cuda.current_device()) \
-        if dist.get_backend() == "nccl" else torch.device("cpu")
+        if serves_cuda(dist.group.WORLD) else torch.device("cpu")
     data = CharCorpus()
     torch.manual_seed(cfg.seed)
     model = MoELM(len(data.vocab), dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, seq=cfg.seq,
