@@ -26,7 +26,9 @@ from schedmoe.control.recorder import StepRecorder
 from schedmoe.errors import ConfigError, PeerError
 from schedmoe.exchange.send import PendingSend
 from schedmoe.ops.codecs.cast import BF16Codec
-from schedmoe.ops.codecs.compressor import CorruptPayloadError
+from schedmoe.ops.codecs.codec_set import make_codec
+from schedmoe.ops.codecs.compressor import (HEADER_CACHE, Compressor, CorruptPayloadError,
+                                            SliceSpec, Wire)
 from schedmoe.overlap import GradSync, interleaved_step
 from schedmoe.routing.capacity import layout_hash
 from schedmoe.tools.syncs import count_syncs
@@ -84,6 +86,58 @@ def test_host_syncs_per_call_on_two_ranks(layout):
     for counts in run_ranks(_counts_on_ranks, 2, layout, timeout=300):
         for (scheduler, codec), (fwd, bwd, where) in counts.items():
             assert (fwd, bwd) == EXPECTED[(layout, 2)], (scheduler, codec, where)
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "fp8"])
+def test_ragged_codecs_compress_every_destination_in_one_pass(name):
+    """The one-pass wire is byte for byte the destination-by-destination one, and decodes
+    alike; a damaged header or a wrong size still raises."""
+    codec = make_codec(name)
+    x_NM = torch.randn(11, 6, generator=torch.Generator().manual_seed(3))
+    rows = [4, 0, 5, 2]
+    wire = codec.compress_rows(x_NM, rows)
+    alone = Compressor.compress_rows(codec, x_NM, rows)
+    assert wire.sizes == alone.sizes and torch.equal(wire.data, alone.data)
+    specs = [SliceSpec((n, 6), torch.float32) for n in rows]
+    torch.testing.assert_close(codec.decompress_rows(wire, specs),
+                               Compressor.decompress_rows(codec, alone, specs), rtol=0, atol=0)
+    bad = wire.data.clone()
+    bad[wire.sizes[0] + wire.sizes[1] + 1] ^= 0xFF  # slice 2's magic
+    with pytest.raises(CorruptPayloadError, match="slice 2"):
+        codec.decompress_rows(Wire(bad, wire.sizes), specs)
+    with pytest.raises(CorruptPayloadError):
+        codec.decompress_rows(Wire(wire.data[:-8], wire.sizes[:-1] + [wire.sizes[-1] - 8]),
+                              specs)
+    for n in range(HEADER_CACHE + 10):  # new row counts every call: the header cache is bounded
+        codec.compress_rows(x_NM[:1].expand(n, 6), [n])
+    assert len(codec._headers) <= HEADER_CACHE
+
+
+def _cuda_syncs(layout: str, codec: str) -> int:
+    """Syncs CUDA itself reports (set_sync_debug_mode) in one call after warm-up."""
+    import warnings
+
+    torch.manual_seed(0)
+    layer = schedmoe.MoELayer(M, E, H, compressor=codec, **LAYOUTS[layout]).cuda()
+    x = torch.randn(T, M, device="cuda", requires_grad=True)
+    for _ in range(3):
+        layer(x).square().sum().backward()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            layer(x).square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("codec", CODECS)
+def test_cuda_agrees_with_the_auditor(codec):
+    assert _cuda_syncs("padded", codec) == 0
+    assert _cuda_syncs("ragged", codec) == 1
 
 
 class _Flipping(BF16Codec):
@@ -194,28 +248,50 @@ def test_the_recorder_never_synchronises_and_reads_events_only_when_asked(monkey
 VOCAB, SEQ = 50, 8
 
 
-def _issue_order(rank: int, world: int, delay_seed: int | None) -> dict:
-    """Two steps of EP 2 x DP (world / 2) training with GradSync and two interleaved micro-
-    batches; each exchange's wait sleeps a random 0-20 ms if `delay_seed`. Returns the
-    collectives this rank issued, in order, and the trained parameters."""
+class _LateWork:
+    """A collective's work whose completion comes late, at random: `is_completed()` says no
+    at random and `wait()` sleeps first (as a slow link or another rank's lateness would)."""
+
+    def __init__(self, work, delays: random.Random) -> None:
+        self._work, self._delays = work, delays
+
+    def is_completed(self) -> bool:
+        return self._delays.random() < 0.3 and self._work.is_completed()
+
+    def wait(self, *args, **kwargs):
+        time.sleep(self._delays.uniform(0, 0.01))
+        return self._work.wait(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
+def _issue_order(rank: int, world: int, delay_seed: int | None, micro_batches: int) -> dict:
+    """Two steps of EP 2 x DP (world / 2) training with GradSync, one backward pass or
+    `micro_batches` interleaved ones a step. With `delay_seed`, each exchange's wait sleeps a random 0-20 ms and every
+    collective completes late at random (`_LateWork`). Returns the collectives this rank
+    issued, in order, and the trained parameters."""
     layout = par.init_parallel(2)
     torch.manual_seed(0)
     model = MoELM(VOCAB, dim=M, layers=2, heads=2, seq=SEQ, hidden_dim=32, num_experts=4,
                   top_k=2, capacity_factor=1.25, ragged=False, scheduler="pipeline",
                   group=layout.ep_group)
-    sync = GradSync(model, layout, micro_batches=2, chunk_bytes=256, window=2)
+    sync = GradSync(model, layout, micro_batches=micro_batches, chunk_bytes=256, window=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     issued: list[str] = []
     delays = random.Random(delay_seed * 100 + rank if delay_seed is not None else 0)
     all_reduce, all_to_all, wait = dist.all_reduce, dist.all_to_all_single, PendingSend.wait
 
+    def late(work):
+        return _LateWork(work, delays) if work is not None and delay_seed is not None else work
+
     def logged_all_reduce(tensor, *args, **kwargs):
         issued.append(f"all_reduce {tensor.numel()}")
-        return all_reduce(tensor, *args, **kwargs)
+        return late(all_reduce(tensor, *args, **kwargs))
 
     def logged_all_to_all(out, x, *args, **kwargs):
         issued.append(f"all_to_all {x.numel()}")
-        return all_to_all(out, x, *args, **kwargs)
+        return late(all_to_all(out, x, *args, **kwargs))
 
     def delayed_wait(self):
         if delay_seed is not None:
@@ -227,13 +303,17 @@ def _issue_order(rank: int, world: int, delay_seed: int | None) -> dict:
     try:
         for step in range(2):
             gen = torch.Generator().manual_seed(100 * step + rank)
-            batches = [torch.randint(VOCAB, (2, SEQ), generator=gen) for _ in range(2)]
+            batches = [torch.randint(VOCAB, (2, SEQ), generator=gen)
+                       for _ in range(micro_batches)]
 
             def loss_of(tokens):
                 logits, aux = model(tokens)
                 return logits.square().mean() + 0.1 * aux
 
-            interleaved_step(loss_of, batches)
+            if micro_batches == 1:
+                loss_of(batches[0]).backward()
+            else:
+                interleaved_step(loss_of, batches)
             assert sync.finish()
             opt.step()
             opt.zero_grad()
@@ -244,12 +324,17 @@ def _issue_order(rank: int, world: int, delay_seed: int | None) -> dict:
                                          for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_every_rank_issues_its_collectives_in_one_order_whatever_the_delays(world):
-    calm = run_ranks(_issue_order, world, None, timeout=240)
-    delayed = run_ranks(_issue_order, world, 7, timeout=240)
-    grad_chunks = [entry for entry in calm[0]["issued"] if entry.startswith("all_reduce")]
-    assert len(grad_chunks) > 4  # the chunks interleave with the exchanges
+@pytest.mark.parametrize("world,micro_batches", [(2, 1), (4, 1), (4, 2)])
+def test_every_rank_issues_its_collectives_in_one_order_whatever_the_delays(world,
+                                                                            micro_batches):
+    calm = run_ranks(_issue_order, world, None, micro_batches, timeout=240)
+    delayed = run_ranks(_issue_order, world, 7, micro_batches, timeout=240)
+    issued = calm[0]["issued"]
+    chunk_then_a2a = any(a.startswith("all_reduce") and b.startswith("all_to_all")
+                         for a, b in zip(issued, issued[1:]))
+    # One backward pass leaves the link idle between exchanges: gradient chunks go out among
+    # them, so their order against the A2As is what is at stake.
+    assert chunk_then_a2a or micro_batches > 1
     for rank in range(world):
         assert delayed[rank]["issued"] == calm[0]["issued"], f"rank {rank}"
         for name, value in calm[rank]["params"].items():

@@ -27,6 +27,16 @@ class CastCodec(FixedSizeCodec):
         return reinterpret(body_PB[:, :self.body_bytes(spec)], self.wire_dtype,
                            body_PB.shape[0], spec.rows, spec.cols)
 
+    def section_widths(self, cols: int) -> list[int]:
+        return [cols * 2]
+
+    def sections(self, x_RC: torch.Tensor) -> list[torch.Tensor]:
+        return [reinterpret(x_RC.to(self.wire_dtype), torch.uint8, *x_RC.shape[:-1],
+                            x_RC.shape[-1] * 2)]
+
+    def from_sections(self, sections: list[torch.Tensor], cols: int) -> torch.Tensor:
+        return reinterpret(sections[0], self.wire_dtype, sections[0].shape[0], cols)
+
 
 @register_compressor("fp16")
 class FP16Codec(CastCodec):

@@ -15,8 +15,7 @@ import torch
 
 from ...registry import register_compressor
 from . import cuda_kernels
-from .compressor import (HEADER_BYTES, FixedSizeCodec, SliceSpec, Wire, as_uint8, header_bytes,
-                         pad_to_align, reinterpret)
+from .compressor import HEADER_BYTES, FixedSizeCodec, SliceSpec, Wire, pad_to_align, reinterpret
 
 
 class RowScaledCodec(FixedSizeCodec):
@@ -41,7 +40,7 @@ class RowScaledCodec(FixedSizeCodec):
         spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
         body = pad_to_align(self.body_bytes(spec))
         wire_PB = torch.zeros(P, HEADER_BYTES + body, dtype=torch.uint8, device=x_P.device)
-        wire_PB[:, :HEADER_BYTES] = as_uint8(header_bytes(self.codec_id, spec, body), x_P.device)
+        wire_PB[:, :HEADER_BYTES] = self.header(spec, body, x_P.device)
         cuda_kernels.pack_rows(x_P.reshape(P, spec.rows, spec.cols), wire_PB, HEADER_BYTES,
                                self.fp8)
         return Wire(wire_PB.view(-1), [HEADER_BYTES + body] * P)
@@ -68,6 +67,19 @@ class RowScaledCodec(FixedSizeCodec):
         scale_PR, q_PRC = self.quantise(x_PRC)
         return torch.cat([reinterpret(scale_PR, torch.uint8, P, R * 4),
                           reinterpret(q_PRC, torch.uint8, P, R * C)], dim=1)
+
+    def section_widths(self, cols: int) -> list[int]:
+        return [4, cols]  # each row's scale, then its values
+
+    def sections(self, x_RC: torch.Tensor) -> list[torch.Tensor]:
+        R, C = x_RC.shape
+        scale_1R, q_1RC = self.quantise(x_RC.unsqueeze(0))
+        return [reinterpret(scale_1R, torch.uint8, R, 4), reinterpret(q_1RC, torch.uint8, R, C)]
+
+    def from_sections(self, sections: list[torch.Tensor], cols: int) -> torch.Tensor:
+        scale_R = reinterpret(sections[0], torch.float32, sections[0].shape[0])
+        q_RC = reinterpret(sections[1], self.wire_dtype, sections[1].shape[0], cols)
+        return q_RC.float() * scale_R.unsqueeze(-1)
 
     def decode_body(self, body_PB: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
         if body_PB.is_cuda and cuda_kernels.available():
