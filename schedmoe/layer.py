@@ -25,12 +25,13 @@ import torch.distributed as dist
 from torch import nn
 
 from .a2a_algos.base import A2AAlgorithm
-from .comm.groups import EPGroup
+from .comm.groups import EPGroup, collective_device
 from .control.agreement import (FAILED, OK, Agreed, Agreement, LocalStep, Rider,
                                 check_input)
 from .control.options import (FIXED_OPTIONS, MoEConfig, build_a2a, build_codecs,
                               build_scheduler, canonical, next_layer_index, same, sources)
 from .control.recorder import StepRecorder
+from .control.rider import ride_costs_no_sync
 from .control.stats import LayerStats
 from .errors import ConfigError
 from .exchange import events
@@ -149,8 +150,10 @@ class MoELayer(nn.Module):
             return self._exchange(x, local, routed, agreed, timer, recompute, rider, running)
 
         run = self._agreement.run
-        if compiling and (self.ragged or self.group.distributed):
-            # Driven from the host (split sizes, collectives): eager, between compiled graphs.
+        if compiling and (self.ragged or self.group.distributed
+                          or not type(self.scheduler).traceable):
+            # Driven from the host (split sizes, collectives, a tuner's clocks): eager, between
+            # the compiled routing and the compiled decode.
             run = torch.compiler.disable(run)
         agreed, (plan, layout, y_P, ctx), timer = run(
             local, send, new_timer, ride=self._can_guess(), objects=self._live(),
@@ -226,10 +229,13 @@ class MoELayer(nn.Module):
 
     def _may_ride(self) -> bool:
         """Whether this layer's options let records ride: fixed capacity in padded rows, no
-        error feedback, a scheduler that carries it, more than one rank."""
+        error feedback, a scheduler that carries it, more than one rank; and a ride that
+        costs the device no more than the all-gather would (control/rider.py)."""
         return (self.config.capacity_factor > 0 and not self.ragged
                 and not self.codecs.uses_feedback and self.group.distributed
-                and type(self.scheduler).carries_agreement)
+                and type(self.scheduler).carries_agreement
+                and ride_costs_no_sync(next(self.parameters()).device.type,
+                                       collective_device(self.group.pg).type))
 
     def _options(self) -> dict[str, str]:
         options = self.config.canonical(self.codecs, self.scheduler, self.a2a)

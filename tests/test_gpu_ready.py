@@ -5,8 +5,9 @@ gradient chunks issued in program order whatever the timing, and torch.compile.
 
 The counts per call (forward + backward, after warm-up), for every scheduler and GPU codec,
 on 1 and 2 ranks; docs/gpu_ready.md has the same table:
-- padded rows at a fixed capacity: 0 + 0 on one rank; 1 + 0 on two (the agreement record that
-  rode on the first dispatch, read once the call is issued: control/rider.py).
+- padded rows at a fixed capacity: 0 + 0 (on several ranks the agreement's record rides on the
+  first dispatch, in host memory here; a GPU layer all-gathers it on the group's CPU backend
+  instead, or, on an NCCL-only group, reads it back once: control/rider.py).
 - ragged rows or dropless: 1 + 0 (the copy of the split sizes, routing/route.py).
 """
 
@@ -23,6 +24,7 @@ import schedmoe
 import schedmoe.parallel as par
 from schedmoe.comm.groups import EPGroup, collective
 from schedmoe.control.recorder import StepRecorder
+from schedmoe.control.rider import ride_costs_no_sync
 from schedmoe.errors import ConfigError, PeerError
 from schedmoe.exchange.send import PendingSend
 from schedmoe.ops.codecs.cast import BF16Codec
@@ -42,7 +44,7 @@ LAYOUTS = {"padded": {"capacity_factor": 1.25, "ragged": False},
 SCHEDULERS = ("sequential", "pipeline", "adaptive")
 CODECS = ("none", "fp16", "bf16", "int8", "fp8")
 # (forward, backward) host syncs per call, by layout and ranks.
-EXPECTED = {("padded", 1): (0, 0), ("padded", 2): (1, 0),
+EXPECTED = {("padded", 1): (0, 0), ("padded", 2): (0, 0),
             ("ragged", 1): (1, 0), ("ragged", 2): (1, 0),
             ("dropless", 1): (1, 0), ("dropless", 2): (1, 0)}
 
@@ -59,6 +61,12 @@ def _count(layout: str, scheduler: str, codec: str) -> tuple[int, int, dict]:
     with count_syncs() as backward:
         y.square().sum().backward()
     return forward.total, backward.total, {**forward.by_line(), **backward.by_line()}
+
+
+def test_records_ride_on_gpu_payloads_only_where_the_all_gather_would_sync_too():
+    assert ride_costs_no_sync("cpu", "cpu")  # a CPU run: host memory either way
+    assert not ride_costs_no_sync("cuda", "cpu")  # gloo beside NCCL: all-gather on the host
+    assert ride_costs_no_sync("cuda", "cuda")  # NCCL alone: one read back either way
 
 
 def test_the_auditor_counts_the_packages_syncs_and_not_the_users():
@@ -371,6 +379,14 @@ def test_the_layer_compiles_and_equals_eager(layout, dtype):
                            1e-5 if dtype == torch.float32 else 0.0)
 
 
+@pytest.mark.parametrize("scheduler,codec", [("pipeline", "bf16"), ("sequential", "int8"),
+                                             ("pipeline", "fp8"), ("adaptive", "fp16")])
+def test_schedulers_and_codecs_compile_and_equal_eager(scheduler, codec):
+    torch._dynamo.reset()
+    _compiled_equals_eager({**LAYOUTS["padded"], "scheduler": scheduler, "compressor": codec},
+                           torch.float32, "aot_eager", 1e-5)
+
+
 def test_the_padded_layer_compiles_with_inductor_within_1e_5():
     torch._dynamo.reset()
     _compiled_equals_eager(LAYOUTS["padded"], torch.float32, "inductor", 1e-5)
@@ -386,13 +402,19 @@ def test_the_layer_compiles_and_equals_eager_on_two_ranks(layout):
     assert run_ranks(_compiled_on_ranks, 2, layout, timeout=180) == ["equal"] * 2
 
 
-@pytest.mark.parametrize("layout,breaks", [("padded", 0), ("ragged", 1)])
-def test_graph_breaks(layout, breaks):
-    """Padded at a fixed capacity: one graph, no break. Ragged: one break, at the copy of the
-    split sizes; the exchanges then run eagerly, between the two graphs (docs/gpu_ready.md)."""
+@pytest.mark.parametrize("layout,scheduler,codec,breaks", [
+    *(("padded", "sequential", codec, 0) for codec in CODECS),
+    ("padded", "pipeline", "none", 0), ("padded", "pipeline", "int8", 0),
+    ("padded", "adaptive", "bf16", 1), ("ragged", "sequential", "none", 1),
+    ("ragged", "pipeline", "fp8", 1)])
+def test_graph_breaks(layout, scheduler, codec, breaks):
+    """Padded at a fixed capacity: one graph, no break, but for the adaptive scheduler (it
+    tunes from host clocks, so it runs eagerly between two graphs). Ragged: one break, at the
+    copy of the split sizes; the exchanges then run eagerly (docs/gpu_ready.md)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    layer = schedmoe.MoELayer(M, E, H, **LAYOUTS[layout])
+    layer = schedmoe.MoELayer(M, E, H, scheduler=scheduler, compressor=codec,
+                              **LAYOUTS[layout])
     x = torch.randn(T, M)
     layer(x)
     explained = torch._dynamo.explain(layer)(x)

@@ -10,8 +10,17 @@ from typing import Any, Callable
 
 import torch
 
-from ..comm.host import to_device
+from ..comm.host import mark_host, to_device
 from ..ops.codecs.compressor import CorruptPayloadError, Wire
+
+
+def ride_costs_no_sync(payload_device: str, collective_device: str) -> bool:
+    """Whether a record riding on a payload on `payload_device` costs the device no more than
+    an all-gather of it on `collective_device` (comm/groups.py). A record riding on a GPU
+    payload is read back from the GPU (a host sync); a group with a CPU backend (gloo, or
+    "cpu:gloo,cuda:nccl") all-gathers it on the host without touching the device. So GPU
+    payloads ride only on NCCL-only groups, where the all-gather costs the same sync."""
+    return payload_device != "cuda" or collective_device != "cpu"
 
 
 class Rider:
@@ -62,9 +71,13 @@ class Rider:
     def conclude(self) -> Any:
         """What the records say (raises the typed error or Misguessed, on every rank alike).
         Read once the call's exchanges are issued, so the device has the whole call queued."""
-        # A host sync on GPUs, which the algorithm needs: no output leaves the layer before
-        # every rank knows that every record agrees (deferring it by a call would let a bad
-        # rank's gradients reach the optimizer).
-        rows = self._records_WB.view(torch.int64).tolist()
+        records_WF = self._records_WB.view(torch.int64)
+        if records_WF.device.type == "cpu":
+            mark_host(records_WF)  # a CPU payload: host memory, no device to wait for
+        # On a GPU (records ride there only on NCCL-only groups, MoELayer._may_ride) a host
+        # sync, which the algorithm needs: no output leaves the layer before every rank knows
+        # that every record agrees (deferring it by a call would let a bad rank's gradients
+        # reach the optimizer).
+        rows = records_WF.tolist()
         self.agreed = self._conclude(rows)
         return self.agreed

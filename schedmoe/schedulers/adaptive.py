@@ -95,6 +95,7 @@ class Decision:
 class AdaptiveScheduler(Scheduler):
     carries_agreement = True
     follows_clock = True
+    traceable = False  # it tunes from host clocks and its own history: eager under compile
 
     def __init__(self, degrees=tuple(range(1, 17)), algorithms=("nccl", "2dh", "pipe"),
                  codecs=None, allow_lossy: bool = False, shortlist: int = 5,

@@ -150,10 +150,15 @@ class Scheduler(ABC):
     record ride on that exchange instead of swapping it beforehand (agreement.py). Such a
     scheduler must expect a call to be abandoned by an exception from that dispatch (every rank
     alike) and possibly made again at another capacity.
+
+    Under `torch.compile` a `traceable` scheduler is traced into the layer's graph (it must then
+    keep its host-side state out of the trace); any other runs eagerly between the compiled
+    parts of the layer.
     """
 
     carries_agreement = False
     follows_clock = False  # tunes by optimizer steps when a StepClock is attached (clock.py)
+    traceable = True
 
     def describe(self) -> str:
         """Name and settings; must be equal on every rank of the EP group."""

@@ -114,6 +114,11 @@ class PipelineScheduler(Scheduler):
         return f"pipeline(degree={self.degree})"
 
     def run(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # Traced: the same chunks through differentiable exchanges; the compiler orders
+            # the work and derives the backward itself.
+            return ctx.cat([ctx.combine(ctx.run_experts(ctx.dispatch(ctx.slice(x_P, i), i), i), i)
+                            for i in range(len(ctx.chunks(self.degree)))])
         params = list(ctx.experts.parameters())
         differentiable = torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and (
             x_P.requires_grad or any(p.requires_grad for p in params))

@@ -96,9 +96,17 @@ def pad_to_align(nbytes: int) -> int:
 
 
 def header_bytes(codec_id: int, spec: SliceSpec, body: int) -> bytes:
+    return bytes(header_ints(codec_id, spec, body))
+
+
+def header_ints(codec_id: int, spec: SliceSpec, body: int) -> list[int]:
+    """The `HEADER` of a slice as byte values, in plain arithmetic (torch.compile traces it
+    into constants, where `struct` would break the graph)."""
     if spec.dtype not in DTYPE_CODES:
         raise TypeError(f"cannot put {spec.dtype} on the wire; supported: {list(DTYPE_CODES)}")
-    return HEADER.pack(MAGIC, 1, codec_id, DTYPE_CODES[spec.dtype], 0, spec.rows, spec.cols, body)
+    fields = (spec.rows, spec.cols, body)  # little-endian u64 each
+    return [*MAGIC, 1, codec_id, DTYPE_CODES[spec.dtype], 0,
+            *[(value >> (8 * i)) & 0xFF for value in fields for i in range(8)]]
 
 
 def check_header(raw: bytes, codec_id: int, spec: SliceSpec, available: int, where: str) -> int:
@@ -219,11 +227,12 @@ class FixedSizeCodec(Compressor):
 
     fixed_size = True
 
-    def _header_error(self, heads_PH: torch.Tensor, spec: SliceSpec,
-                      size: int) -> CorruptPayloadError:
-        """The error for the first slice whose header is not the expected one."""
+    def _header_error(self, heads_PH: torch.Tensor, specs: list[SliceSpec],
+                      sizes: list[int]) -> CorruptPayloadError:
+        """The error for the first slice whose header is not the expected one (slice p holds
+        `specs[p]` in `sizes[p]` bytes). Reads the headers on the host: the error path only."""
         heads = heads_PH.cpu().numpy()
-        for p in range(len(heads)):
+        for p, (spec, size) in enumerate(zip(specs, sizes)):
             try:
                 check_header(bytes(heads[p]), self.codec_id, spec, size,
                              f"slice {p} (from rank {p})")
@@ -264,6 +273,9 @@ class FixedSizeCodec(Compressor):
         """The header of a slice of `spec`, on `device`: made once per shape and device and
         sent without a sync (a copy from the host per slice would stall the stream). Ragged
         rows change shape every call, so the cache is bounded."""
+        if torch.compiler.is_compiling():  # a constant of the graph; no state changes in a trace
+            return torch.tensor(header_ints(self.codec_id, spec, body), dtype=torch.uint8,
+                                device=device)
         cache = self.__dict__.setdefault("_headers", {})
         key = (spec, body, device)
         if key not in cache:
@@ -318,23 +330,12 @@ class FixedSizeCodec(Compressor):
                                for spec, size in zip(specs, expected)])
         bad = (heads_PH != want_PH).any()
         if deferring():
-            post(bad, lambda: self._rows_header_error(heads_PH, specs, expected))
+            post(bad, lambda: self._header_error(heads_PH, specs, expected))
         elif bool(bad):
-            raise self._rows_header_error(heads_PH, specs, expected)
+            raise self._header_error(heads_PH, specs, expected)
         x_RC = self.from_sections([torch.cat(part) for part in parts], cols)
         rows = sum(spec.shape[0] for spec in specs)
         return x_RC.to(specs[0].dtype).view(rows, *specs[0].shape[1:])
-
-    def _rows_header_error(self, heads_PH: torch.Tensor, specs: list[SliceSpec],
-                           sizes: list[int]) -> CorruptPayloadError:
-        heads = heads_PH.cpu().numpy()
-        for p, (spec, size) in enumerate(zip(specs, sizes)):
-            try:
-                check_header(bytes(heads[p]), self.codec_id, spec, size,
-                             f"slice {p} (from rank {p})")
-            except CorruptPayloadError as error:
-                return error
-        return CorruptPayloadError(f"{type(self).__name__}: a slice header changed on the way")
 
     def compress(self, x_P: torch.Tensor) -> Wire:
         P = x_P.shape[0]
@@ -357,10 +358,12 @@ class FixedSizeCodec(Compressor):
         wire_PB = wire.data.view(P, size)
         heads_PH = wire_PB[:, :HEADER_BYTES]
         bad = (heads_PH != self.header(spec, size - HEADER_BYTES, wire_PB.device)).any()
-        if deferring():  # checked on the device, read later (ops/codecs/checks.py)
+        if torch.compiler.is_compiling():
+            pass  # traced only for an exchange within one process (layer.py runs others eagerly)
+        elif deferring():  # checked on the device, read later (ops/codecs/checks.py)
             heads_PH = heads_PH.clone()  # the evidence, should the check fail
-            post(bad, lambda: self._header_error(heads_PH, spec, size))
+            post(bad, lambda: self._header_error(heads_PH, [spec] * P, [size] * P))
         elif bool(bad):
-            raise self._header_error(heads_PH, spec, size)
+            raise self._header_error(heads_PH, [spec] * P, [size] * P)
         x_PRC = self.decode_body(wire_PB[:, HEADER_BYTES:], spec)
         return x_PRC.to(spec.dtype).view(P, *spec.shape)
