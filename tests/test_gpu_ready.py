@@ -29,8 +29,8 @@ from schedmoe.errors import ConfigError, PeerError
 from schedmoe.exchange.send import PendingSend
 from schedmoe.ops.codecs.cast import BF16Codec
 from schedmoe.ops.codecs.codec_set import make_codec
-from schedmoe.ops.codecs.compressor import (HEADER_CACHE, Compressor, CorruptPayloadError,
-                                            SliceSpec, Wire)
+from schedmoe.ops.codecs.compressor import Compressor, CorruptPayloadError, SliceSpec, Wire
+from schedmoe.ops.codecs.fixed import HEADER_CACHE
 from schedmoe.overlap import GradSync, interleaved_step
 from schedmoe.routing.capacity import layout_hash
 from schedmoe.tools.syncs import count_syncs

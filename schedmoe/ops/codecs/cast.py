@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ...registry import register_compressor
-from .compressor import FixedSizeCodec, SliceSpec, reinterpret
+from .compressor import SliceSpec, reinterpret
+from .fixed import FixedSizeCodec
 
 
 class CastCodec(FixedSizeCodec):

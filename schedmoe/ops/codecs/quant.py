@@ -15,7 +15,8 @@ import torch
 
 from ...registry import register_compressor
 from . import cuda_kernels
-from .compressor import HEADER_BYTES, FixedSizeCodec, SliceSpec, Wire, pad_to_align, reinterpret
+from .compressor import HEADER_BYTES, SliceSpec, Wire, pad_to_align, reinterpret
+from .fixed import FixedSizeCodec
 
 
 class RowScaledCodec(FixedSizeCodec):
