@@ -26,6 +26,7 @@ from torch import nn
 
 from .a2a_algos.base import A2AAlgorithm
 from .comm.groups import EPGroup, collective_device
+from .control import compiled
 from .control.agreement import (FAILED, OK, Agreed, Agreement, LocalStep, Rider,
                                 check_input)
 from .control.options import (FIXED_OPTIONS, MoEConfig, build_a2a, build_codecs,
@@ -113,6 +114,9 @@ class MoELayer(nn.Module):
         options = self._options()
         self._fixed = {name: options[name] for name in FIXED_OPTIONS}
         self._agreement = Agreement(self.group, options, cfg.num_experts)
+        # A compiled call on several ranks checks its record through a custom op.
+        self._compile_key = compiled.register(self._agreement) if self.group.distributed \
+            else None
         self._changes = 0  # assignments of scheduler, codecs, a2a or config (__setattr__)
         self._options_key = self._key()  # what the options were last read from
         self._ran_key = self._call_key = self._options_key  # the options at the last call
@@ -149,17 +153,27 @@ class MoELayer(nn.Module):
                  timer: StepRecorder) -> tuple:
             return self._exchange(x, local, routed, agreed, timer, recompute, rider, running)
 
-        run = self._agreement.run
-        if compiling and (self.ragged or self.group.distributed
-                          or not type(self.scheduler).traceable):
-            # Driven from the host (split sizes, collectives, a tuner's clocks): eager, between
-            # the compiled routing and the compiled decode.
-            run = torch.compiler.disable(run)
-        agreed, (plan, layout, y_P, ctx), timer = run(
-            local, send, new_timer, ride=self._can_guess(), objects=self._live(),
-            moved=self._call_key != self._ran_key, may_ride=self._may_ride(),
-            observe=self._observe if self.codecs.uses_feedback else None)
-        self._ran_key = self._call_key
+        if compiling and self._traces_whole(local):
+            # One graph on several ranks: the record checked by a custom op, the exchanges as
+            # functional collectives (control/compiled.py, exchange/send.py).
+            agreed, zero = compiled.agree(self._compile_key, local, device)
+            timer = new_timer()
+            plan, layout, y_P, ctx = self._exchange(x, local, routed, agreed, timer, recompute,
+                                                    None, None, after=zero)
+        else:
+            run = self._agreement.run
+            if compiling and (self.ragged or self.group.distributed
+                              or not type(self.scheduler).traceable):
+                # Driven from the host (split sizes, collectives, a tuner's clocks): eager,
+                # between the compiled routing and the compiled decode.
+                run = torch.compiler.disable(run)
+            agreed, (plan, layout, y_P, ctx), timer = run(
+                # (no riding under compile: the other ranks may all-gather in the op above)
+                local, send, new_timer, ride=self._can_guess() and not compiling,
+                objects=self._live(),
+                moved=self._call_key != self._ran_key, may_ride=self._may_ride(),
+                observe=self._observe if self.codecs.uses_feedback else None)
+            self._ran_key = self._call_key
         if plan is None:
             raise AssertionError("a rank that sent a placeholder passed the agreement")
 
@@ -286,14 +300,22 @@ class MoELayer(nn.Module):
         self.ragged = self._wants_ragged()
         self._options_key = self._call_key = self._key()
 
+    def _traces_whole(self, local: LocalStep) -> bool:
+        """Whether a compiled call on several ranks is one graph: padded rows at a fixed
+        capacity, a traceable scheduler and A2A, stateless fixed-size codecs, no problem."""
+        return (self.group.distributed and local.problem == OK and not self.ragged
+                and self.config.capacity_factor > 0 and type(self.scheduler).traceable
+                and type(self.a2a).traceable and self.codecs.traceable)
+
     def _exchange(self, x: torch.Tensor, local: LocalStep, routed: Routed | None,
                   agreed: Agreed, timer: StepRecorder, recompute: bool, rider: Rider | None,
-                  running: tuple | None) -> tuple:
+                  running: tuple | None, after: torch.Tensor | None = None) -> tuple:
         """Plan and encode at the agreed (or guessed) capacity in the call's layout and run the
         scheduler: (plan, layout, y_P, ctx). A rank whose own state does not fit a guess sends
         zeros of the guessed shape: the rider's check then raises on every rank before
         anything is decoded. `running`: the (scheduler, codecs, A2A) to send through, if not
-        the live ones."""
+        the live ones; `after`: a zero the payload adds, so that it comes after the op that
+        made it (a compiled call's agreement)."""
         cfg = self.config
         scheduler, codecs, a2a = running or self._live()
         layout = layout_for(agreed.capacity, self.group.size, self.num_local_experts,
@@ -307,6 +329,8 @@ class MoELayer(nn.Module):
                 plan = layout.plan(routing.expert_TK, routing.weight_TK, routed.slot_TK,
                                    routed.counts_E, local.limit)
                 x_P = layout.encode(x.reshape(-1, cfg.model_dim), plan)
+            if after is not None:
+                x_P = x_P + after.to(x_P.dtype)
         elif rider is not None:
             x_P = layout.placeholder(cfg.model_dim, getattr(torch, agreed.dtype),
                                      next(self.parameters()).device)

@@ -1,7 +1,8 @@
 """What a GPU step depends on, checked on the CPU: host syncs per call (counted by the package's
 auditor, tools/syncs.py), payload checks read later instead of on the hot path, a recorder that
 never synchronises the device, collectives whose refusals are not reported as dead peers,
-gradient chunks issued in program order whatever the timing, and torch.compile.
+gradient chunks issued in program order whatever the timing, and torch.compile (one graph at
+a fixed capacity with padded rows, on one rank and on two).
 
 The counts per call (forward + backward, after warm-up), for every scheduler and GPU codec,
 on 1 and 2 ranks; docs/gpu_ready.md has the same table:
@@ -25,7 +26,7 @@ import schedmoe.parallel as par
 from schedmoe.comm.groups import EPGroup, collective
 from schedmoe.control.recorder import StepRecorder
 from schedmoe.control.rider import ride_costs_no_sync
-from schedmoe.errors import ConfigError, PeerError
+from schedmoe.errors import ConfigError, InputError, PeerError
 from schedmoe.exchange.send import PendingSend
 from schedmoe.ops.codecs.cast import BF16Codec
 from schedmoe.ops.codecs.codec_set import make_codec
@@ -400,6 +401,61 @@ def _compiled_on_ranks(rank: int, world: int, layout: str) -> str:
 @pytest.mark.parametrize("layout", ["padded", "ragged"])
 def test_the_layer_compiles_and_equals_eager_on_two_ranks(layout):
     assert run_ranks(_compiled_on_ranks, 2, layout, timeout=180) == ["equal"] * 2
+
+
+def _one_graph_on_ranks(rank: int, world: int, scheduler: str, codec: str) -> tuple:
+    """compiled == eager over three calls, and the graph breaks of a fresh compiled layer."""
+    kwargs = {**LAYOUTS["padded"], "scheduler": scheduler, "compressor": codec}
+    _compiled_equals_eager(kwargs, torch.float32, "aot_eager", 1e-5)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = schedmoe.MoELayer(M, E, H, **kwargs)
+    x = torch.randn(T, M)
+    return torch._dynamo.explain(layer)(x).graph_break_count
+
+
+@pytest.mark.parametrize("scheduler,codec", [("sequential", "none"), ("pipeline", "bf16"),
+                                             ("sequential", "int8")])
+def test_a_compiled_call_on_two_ranks_is_one_graph(scheduler, codec):
+    """The agreement as a custom op, the exchanges as functional collectives: no break."""
+    assert run_ranks(_one_graph_on_ranks, 2, scheduler, codec, timeout=240) == [0, 0]
+
+
+def _compiled_with_other_tokens(rank: int, world: int) -> str:
+    torch.manual_seed(0)
+    layer = torch.compile(schedmoe.MoELayer(M, E, H, **LAYOUTS["padded"]), backend="aot_eager")
+    try:
+        layer(torch.randn(T + 8 * rank, M))
+    except ConfigError as exc:
+        return "ConfigError: same number of tokens" if "same number of tokens" in str(exc) \
+            else str(exc)
+    return "no error"
+
+
+def test_a_compiled_call_whose_ranks_disagree_raises_on_every_rank():
+    assert run_ranks(_compiled_with_other_tokens, 2, timeout=240) == \
+        ["ConfigError: same number of tokens"] * 2
+
+
+def _compiled_with_a_bad_input(rank: int, world: int) -> list[str]:
+    torch.manual_seed(0)
+    layer = torch.compile(schedmoe.MoELayer(M, E, H, **LAYOUTS["padded"]), backend="aot_eager")
+    seen = []
+    for call in range(3):  # the second call: a wrong model dim on rank 1
+        x = torch.randn(T, M + (3 if call == 1 and rank == 1 else 0))
+        try:
+            layer(x)
+            seen.append("ok")
+        except InputError:
+            seen.append("InputError")
+    return seen
+
+
+def test_a_bad_input_under_compile_raises_on_every_rank():
+    """The rank with the problem concludes eagerly, the others in the compiled graph's op:
+    the same all-gather, the same typed error, and the next call runs again."""
+    assert run_ranks(_compiled_with_a_bad_input, 2, timeout=240) == \
+        [["ok", "InputError", "ok"]] * 2
 
 
 @pytest.mark.parametrize("layout,scheduler,codec,breaks", [

@@ -42,9 +42,12 @@ class A2AAlgorithm(ABC):
     positions (`topology.py`): `start` hands them the payload in position order and puts what
     they return back in rank order, a no-op when every node's ranks are consecutive.
     `local_size`: None finds the nodes from the hosts; an int numbers them as torchrun does.
+    A `traceable` algorithm is one all_to_all_single, which torch.compile traces as a
+    functional collective (exchange/send.py).
     """
 
     uses_topology = False
+    traceable = False
 
     def __init__(self, group: EPGroup, local_size: int | None = None) -> None:
         self.group = group

@@ -12,6 +12,8 @@ from .base import A2AAlgorithm, A2AHandle, start_all_to_all
 class FlatA2A(A2AAlgorithm):
     """The backend's own all_to_all_single (NCCL on GPUs, gloo on CPUs)."""
 
+    traceable = True
+
     def _start(self, x: torch.Tensor, send: list[int], recv: list[int],
                even: bool) -> A2AHandle:
         return A2AHandle(start_all_to_all(x, recv, send, self.group, "all-to-all (nccl)"))

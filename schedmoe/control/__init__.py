@@ -7,6 +7,8 @@
   beforehand (all-gather) or let the record ride on the first dispatch (guess, misguess,
   resync).
 - `rider.py`: the rider's wire format (the record after every slice of the first dispatch).
+- `compiled.py`: the record of a call compiled as one graph on several ranks, checked by a
+  custom op.
 - `recorder.py`: the timing of a call's ops (`StepRecorder`, `TraceEvent`).
 - `stats.py`: `LayerStats`, what the last call did on this rank.
 - `validation.py`: checks of user-given numbers, choices and JSON files (CLI flags, cluster

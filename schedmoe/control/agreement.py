@@ -257,6 +257,11 @@ class Agreement:
         self._options_crc = zlib.crc32(repr(sorted(options.items())).encode()) & 0x7FFFFFFF
 
     @property
+    def options_crc(self) -> int:
+        """The hash of this rank's options, the first int of every record."""
+        return self._options_crc
+
+    @property
     def changed(self) -> bool:
         """This rank's options differ from those the last call agreed on."""
         return self._agreed_crc is not None and self._options_crc != self._agreed_crc

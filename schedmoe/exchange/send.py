@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Callable, ContextManager, Protocol
 
 import torch
+import torch.distributed._functional_collectives as funcol
 
 from ..a2a_algos.base import A2AAlgorithm
 from ..ops.codecs import checks
@@ -135,7 +136,19 @@ def send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecor
          name: str, chunk: int | None = None, rider: Rider | None = None,
          splits: Splits | None = None) -> torch.Tensor:
     """Slice p of `x_P` to rank p; returns the slices received, by source rank."""
+    if torch.compiler.is_compiling() and a2a.group.distributed:
+        return _send_traced(x_P, a2a, codec)
     return start_send(x_P, a2a, codec, rec, name, chunk, rider, splits).wait()
+
+
+def _send_traced(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor) -> torch.Tensor:
+    """`send` inside a compiled graph (layer.py traces only padded rows, a traceable A2A and
+    fixed-size codecs there): one functional all_to_all_single, which the compiler schedules
+    and waits for itself. Headers are not checked here (the graph cannot raise on the host)."""
+    spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
+    wire = codec.compress(x_P)
+    data = funcol.all_to_all_single(wire.data, wire.sizes, wire.sizes, a2a.group.pg)
+    return codec.decompress(Wire(data, wire.sizes), spec)
 
 
 class _Exchange(torch.autograd.Function):

@@ -101,7 +101,8 @@ class StepContext:
         """Local experts over every source rank's tokens; same layout in and out. Under
         autograd their backward is timed too (`experts.bwd`: from the output's gradient
         arriving to the input's leaving), unless the schedule times its own backward."""
-        timed = time_backward and recv_P.requires_grad and torch.is_grad_enabled()
+        timed = (time_backward and recv_P.requires_grad and torch.is_grad_enabled()
+                 and not torch.compiler.is_compiling())  # a compiled graph is timed whole
         if timed:
             began: list[float] = []
             recv_P = _Mark.apply(recv_P, lambda: self.rec.interval("experts.bwd", began[0],

@@ -122,6 +122,14 @@ class CodecSet:
         return self._streams[key]
 
     @property
+    def traceable(self) -> bool:
+        """Whether torch.compile can trace every exchange's codec: fixed-size and stateless
+        (no error feedback, no checksum)."""
+        return not self.verify and all(
+            getattr(self, name).fixed_size and not isinstance(getattr(self, name), ErrorFeedback)
+            for name in EXCHANGES)
+
+    @property
     def uses_feedback(self) -> bool:
         return any(isinstance(getattr(self, name), ErrorFeedback) for name in EXCHANGES)
 
