@@ -12,13 +12,17 @@ zero, is added to the payload, so the compiler keeps it and orders it before the
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..comm.groups import all_gather_ints
 from ..errors import ConfigError
 from .agreement import Agreed, Agreement, LocalStep, Misguessed
 
-_AGREEMENTS: dict[int, Agreement] = {}  # id -> the agreement of a layer that may compile
+# id -> the agreement of a layer that may compile; weak, so that a layer and its process
+# group are freed with the model (a kept group leaks its sockets and threads).
+_AGREEMENTS: "weakref.WeakValueDictionary[int, Agreement]" = weakref.WeakValueDictionary()
 _defined = False
 
 

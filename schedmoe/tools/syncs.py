@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..comm.host import HostCopy, is_host
+from ..comm.host import HostCopy, is_host, label_host_tensors
 
 PACKAGE = str(Path(__file__).resolve().parent.parent)
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu"}
@@ -106,6 +106,7 @@ class count_syncs:  # noqa: N801  (a context manager named like a function, as t
 
     def __enter__(self) -> SyncAudit:
         self._lock.acquire()
+        label_host_tensors(True)
         for owner, names in ((torch.Tensor, _METHODS), (torch, _FUNCTIONS), (HostCopy, ("value",))):
             for name in names:
                 original = getattr(owner, name)
@@ -117,6 +118,7 @@ class count_syncs:  # noqa: N801  (a context manager named like a function, as t
         for owner, name, original in reversed(self._saved):
             setattr(owner, name, original)
         self._saved.clear()
+        label_host_tensors(False)
         self._lock.release()
 
     def _wrap(self, name: str, original):

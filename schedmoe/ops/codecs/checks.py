@@ -54,7 +54,7 @@ def failure(wait: bool = False) -> Exception | None:
         taken = [entry for entry in _posted if wait or entry[0].ready()]
         _posted[:] = [entry for entry in _posted if entry not in taken]
     for flag, explain in taken:
-        if bool(flag.value() if wait else flag.host):  # landed already, unless waiting
+        if bool(flag.value() if wait else flag.landed()):
             return explain()
     return None
 
