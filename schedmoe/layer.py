@@ -156,7 +156,7 @@ class MoELayer(nn.Module):
         if compiling and self._traces_whole(local):
             # One graph on several ranks: the record checked by a custom op, the exchanges as
             # functional collectives (control/compiled.py, exchange/send.py).
-            agreed, zero = compiled.agree(self._compile_key, local, device)
+            agreed, zero = compiled.agree(self._agreement, self._compile_key, local, device)
             timer = new_timer()
             plan, layout, y_P, ctx = self._exchange(x, local, routed, agreed, timer, recompute,
                                                     None, None, after=zero)

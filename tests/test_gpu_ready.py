@@ -415,7 +415,7 @@ def _one_graph_on_ranks(rank: int, world: int, scheduler: str, codec: str) -> tu
 
 
 @pytest.mark.parametrize("scheduler,codec", [("sequential", "none"), ("pipeline", "bf16"),
-                                             ("sequential", "int8")])
+                                             ("sequential", "int8"), ("adaptive", "none")])
 def test_a_compiled_call_on_two_ranks_is_one_graph(scheduler, codec):
     """The agreement as a custom op, the exchanges as functional collectives: no break."""
     assert run_ranks(_one_graph_on_ranks, 2, scheduler, codec, timeout=240) == [0, 0]
@@ -461,12 +461,12 @@ def test_a_bad_input_under_compile_raises_on_every_rank():
 @pytest.mark.parametrize("layout,scheduler,codec,breaks", [
     *(("padded", "sequential", codec, 0) for codec in CODECS),
     ("padded", "pipeline", "none", 0), ("padded", "pipeline", "int8", 0),
-    ("padded", "adaptive", "bf16", 1), ("ragged", "sequential", "none", 1),
+    ("padded", "adaptive", "bf16", 0), ("ragged", "sequential", "none", 1),
     ("ragged", "pipeline", "fp8", 1)])
 def test_graph_breaks(layout, scheduler, codec, breaks):
-    """Padded at a fixed capacity: one graph, no break, but for the adaptive scheduler (it
-    tunes from host clocks, so it runs eagerly between two graphs). Ragged: one break, at the
-    copy of the split sizes; the exchanges then run eagerly (docs/gpu_ready.md)."""
+    """Padded at a fixed capacity: one graph, no break (the adaptive scheduler runs its tuned
+    decision there). Ragged: one break, at the copy of the split sizes; the exchanges then run
+    eagerly (docs/gpu_ready.md)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = schedmoe.MoELayer(M, E, H, scheduler=scheduler, compressor=codec,

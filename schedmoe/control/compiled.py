@@ -33,11 +33,12 @@ def register(agreement: Agreement) -> int:
     return id(agreement)
 
 
-def agree(key: int, local: LocalStep, device: torch.device) -> tuple[Agreed, torch.Tensor]:
+def agree(agreement: Agreement, key: int, local: LocalStep,
+          device: torch.device) -> tuple[Agreed, torch.Tensor]:
     """What a compiled call agrees (this rank's own state), and the op's zero to add to the
-    payload."""
+    payload. `key`: `register(agreement)`'s."""
     agreed = Agreed(local.limit, local.input_grad, (local.layout,), local.dtype)
-    record = [_AGREEMENTS[key].options_crc, *local.record()]
+    record = [agreement.options_crc, *local.record()]
     zero = torch.ops.schedmoe.agree(torch.zeros((), device=device), record, key,
                                     local.dtype, local.device_type)
     return agreed, zero

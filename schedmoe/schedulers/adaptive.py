@@ -95,7 +95,7 @@ class Decision:
 class AdaptiveScheduler(Scheduler):
     carries_agreement = True
     follows_clock = True
-    traceable = False  # it tunes from host clocks and its own history: eager under compile
+    traceable = True  # inside a compiled graph: its tuned decision, nothing learnt (run)
 
     def __init__(self, degrees=tuple(range(1, 17)), algorithms=("nccl", "2dh", "pipe"),
                  codecs=None, allow_lossy: bool = False, shortlist: int = 5,
@@ -166,6 +166,8 @@ class AdaptiveScheduler(Scheduler):
                 f"check_every={self.check_every}, drift={self.drift})")
 
     def run(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._run_traced(x_P, ctx)
         if ctx.recompute:
             return self._replay(x_P, ctx)
         decision = self._retry(x_P, ctx) if self._abandoned else self._decide(x_P, ctx)
@@ -246,6 +248,14 @@ class AdaptiveScheduler(Scheduler):
         schedule = SequentialScheduler() if decision.degree == 1 else \
             PipelineScheduler(decision.degree)
         return schedule.run(x_P, step)
+
+    def _run_traced(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Inside a compiled graph, which cannot time its own ops or set up other exchanges:
+        the tuned decision's chunking (sequential until one is tuned) through the layer's own
+        A2A and codecs, with nothing decided or learnt. Tune in eager calls, then compile."""
+        degree = 1 if self._running is None else self._running.degree
+        schedule = SequentialScheduler() if degree == 1 else PipelineScheduler(degree)
+        return schedule.run(x_P, ctx)
 
     def _replay(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """A recompute: the schedule of the latest forward of this shape, nothing learnt."""
