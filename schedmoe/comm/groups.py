@@ -6,7 +6,9 @@ and every collective here is the identity.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterator, Sequence
@@ -16,6 +18,12 @@ import torch.distributed as dist
 
 from ..errors import ConfigError, PeerError
 from .host import mark_host, to_device
+
+# Collect cyclic garbage (layers, their process groups and tensors held by a backend) while the
+# interpreter is still whole: left to its finalisation, a backend thread that frees the last
+# of them can no longer take the GIL, and gloo aborts the process ("terminate called without
+# an active exception") after the program has finished.
+atexit.register(gc.collect)
 
 
 @dataclass(frozen=True)
