@@ -12,6 +12,7 @@ the ragged rows of every destination in one pass.
 from __future__ import annotations
 
 import itertools
+import math
 from abc import abstractmethod
 
 import torch
@@ -43,6 +44,20 @@ class FixedSizeCodec(Compressor):
             except CorruptPayloadError as error:
                 return error
         return CorruptPayloadError(f"{type(self).__name__}: a slice header changed on the way")
+
+    def _check_headers(self, heads_PH: torch.Tensor, want_PH: torch.Tensor,
+                       specs: list[SliceSpec], sizes: list[int]) -> None:
+        """Compare the received headers with the expected ones on the device: inside an
+        exchange the result is posted and read later (checks.py), outside it is raised at once;
+        inside a compiled graph nothing is checked (a graph cannot raise on the host)."""
+        if torch.compiler.is_compiling():
+            return
+        bad = (heads_PH != want_PH).any()
+        if deferring():
+            heads_PH = heads_PH.clone()  # the evidence, should the check fail
+            post(bad, lambda: self._header_error(heads_PH, specs, sizes))
+        elif bool(bad):
+            raise self._header_error(heads_PH, specs, sizes)
 
     @abstractmethod
     def body_bytes(self, spec: SliceSpec) -> int:
@@ -129,14 +144,9 @@ class FixedSizeCodec(Compressor):
             for part, width in zip(parts, widths):
                 part.append(data[at:at + spec.rows * width].view(spec.rows, width))
                 at += spec.rows * width
-        heads_PH = torch.stack(heads)
         want_PH = torch.stack([self.header(spec, size - HEADER_BYTES, data.device)
                                for spec, size in zip(specs, expected)])
-        bad = (heads_PH != want_PH).any()
-        if deferring():
-            post(bad, lambda: self._header_error(heads_PH, specs, expected))
-        elif bool(bad):
-            raise self._header_error(heads_PH, specs, expected)
+        self._check_headers(torch.stack(heads), want_PH, specs, expected)
         x_RC = self.from_sections([torch.cat(part) for part in parts], cols)
         rows = sum(spec.shape[0] for spec in specs)
         return x_RC.to(specs[0].dtype).view(rows, *specs[0].shape[1:])
@@ -160,15 +170,9 @@ class FixedSizeCodec(Compressor):
         size = HEADER_BYTES + pad_to_align(self.body_bytes(spec))
         check_sizes(wire, type(self).__name__, size)
         wire_PB = wire.data.view(P, size)
-        heads_PH = wire_PB[:, :HEADER_BYTES]
-        bad = (heads_PH != self.header(spec, size - HEADER_BYTES, wire_PB.device)).any()
-        if torch.compiler.is_compiling():
-            pass  # traced only for an exchange within one process (layer.py runs others eagerly)
-        elif deferring():  # checked on the device, read later (ops/codecs/checks.py)
-            heads_PH = heads_PH.clone()  # the evidence, should the check fail
-            post(bad, lambda: self._header_error(heads_PH, [spec] * P, [size] * P))
-        elif bool(bad):
-            raise self._header_error(heads_PH, [spec] * P, [size] * P)
+        self._check_headers(wire_PB[:, :HEADER_BYTES],
+                            self.header(spec, size - HEADER_BYTES, wire_PB.device),
+                            [spec] * P, [size] * P)
         x_PRC = self.decode_body(wire_PB[:, HEADER_BYTES:], spec)
         return x_PRC.to(spec.dtype).view(P, *spec.shape)
 
@@ -176,7 +180,4 @@ class FixedSizeCodec(Compressor):
 def _row_geometry(x_NM: torch.Tensor) -> tuple[tuple[int, ...], int]:
     """The shape of one row of `x_NM` and how many codec rows (of its last dim) it spans."""
     row_shape = tuple(x_NM.shape[1:]) or (1,)
-    per = 1
-    for d in row_shape[:-1]:
-        per *= d
-    return row_shape, per
+    return row_shape, math.prod(row_shape[:-1])
