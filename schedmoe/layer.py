@@ -47,6 +47,7 @@ from .registry import registry
 from .routing.balance import balance_loss
 from .routing.route import Routed, route
 from .schedulers.base import Scheduler, SharedWork, StepContext
+from .streams.lanes import lanes_for
 
 
 class MoELayer(nn.Module):
@@ -181,7 +182,7 @@ class MoELayer(nn.Module):
         with timer("decode"):
             y_TM = layout.decode(y_P, plan, num_tokens)
         if ctx.shared is not None:  # run now unless the scheduler ran it during its exchanges
-            y_TM = y_TM + ctx.shared.run(timer)
+            y_TM = y_TM + ctx.shared.result(timer, ctx.lanes)
         routing = routed.routing
         balance = routing.balance_loss
         if balance is None:
@@ -341,9 +342,9 @@ class MoELayer(nn.Module):
             # backward exchange runs there: take part in it (the gradient here goes nowhere).
             x_P = x_P.detach().requires_grad_()
         shared = None if self.shared is None or not fits else \
-            SharedWork(lambda: self.shared(x.reshape(-1, cfg.model_dim)))
-        ctx = StepContext(self.experts, a2a, codecs, timer, layout,
-                          recompute=recompute, rider=rider, shared=shared)
+            SharedWork(self.shared, x.reshape(-1, cfg.model_dim))
+        ctx = StepContext(self.experts, a2a, codecs, timer, layout, recompute=recompute,
+                          rider=rider, shared=shared, lanes=lanes_for(x_P.device))
         y_P = scheduler.run(x_P, ctx)
         if rider is not None and not rider.arrived:
             raise ConfigError(f"{scheduler.describe()} sets carries_agreement but sent no "

@@ -75,7 +75,7 @@ def check_algorithms(rank: int, world: int, names: list[str]) -> int:
 @pytest.mark.parametrize("world", [2, 4, 6, 8])
 def test_algorithms_match_all_to_all_single(world):
     names = registry("a2a").names()
-    assert {"nccl", "2dh", "pipe"} <= set(names)
+    assert {"nccl", "2dh", "pipe", "staged"} <= set(names)
     counts = run_ranks(check_algorithms, world, names, timeout=300)
     assert counts == [len(names) * len(divisors(world)) * 3 * len(DTYPES)] * world
 

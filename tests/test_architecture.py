@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "schedmoe"
 # The layers, bottom up: a unit may import its own layer and those below.
 LAYERS = [
     {"errors", "registry"},
-    {"comm", "routing", "plan", "ops", "a2a_algos", "exchange"},  # data plane
+    {"comm", "streams", "routing", "plan", "ops", "a2a_algos", "exchange"},  # data plane
     {"control", "sim", "schedulers"},  # control plane
     {"layer"},
     {"parallel", "overlap", "hf"},  # built on the layer

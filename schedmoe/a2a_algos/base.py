@@ -48,6 +48,7 @@ class A2AAlgorithm(ABC):
 
     uses_topology = False
     traceable = False
+    stages_alone = False  # moves the payload even on a one-rank group (staged.py)
 
     def __init__(self, group: EPGroup, local_size: int | None = None) -> None:
         self.group = group
@@ -69,7 +70,7 @@ class A2AAlgorithm(ABC):
               input_splits: Splits = None) -> A2AHandle:
         """Issue the exchange of `x` and return a handle without waiting for it."""
         send, recv = self.split_sizes(x, output_splits, input_splits)
-        if not self.group.distributed:
+        if not self.group.distributed and not self.stages_alone:
             return A2AHandle(lambda: x)
         even = input_splits is None and output_splits is None
         if not self.uses_topology or self.topology.in_rank_order:

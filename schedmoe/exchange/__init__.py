@@ -6,5 +6,5 @@
 - `events.py`: the hooks through which an exchange tells the features above it that it started,
   waits or arrived (micro-batch turns and the gradient link of `overlap/` subscribe).
 
-Data plane. May import: `errors`, `comm/`, `a2a_algos/`, `ops/` (the codecs).
+Data plane. May import: `errors`, `comm/`, `streams/`, `a2a_algos/`, `ops/` (the codecs).
 """

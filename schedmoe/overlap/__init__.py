@@ -2,7 +2,7 @@
 flight while another computes (microbatches.py, turns.py), and the data-parallel gradient
 all-reduce sent in chunks while no exchange needs the link (grad_sync.py, link.py).
 
-Built on the layer. May import: `errors`, `exchange/` (its events), `parallel/`.
+Built on the layer. May import: `errors`, `exchange/` (its events), `streams/`, `parallel/`.
 """
 
 from .grad_sync import GradSync

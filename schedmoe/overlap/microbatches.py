@@ -15,18 +15,26 @@ The micro-batches run as threads taking turns, so that each keeps its own autogr
 CPUs the autograd engine runs a backward on the thread that calls it: backward passes
 interleave too. On CUDA it runs them on its own device thread, so there only forward passes
 interleave and each micro-batch's backward runs whole in its turn (still the same result).
+
+On GPUs each micro-batch runs on a CUDA stream of its own (`streams/lanes.py:
+MicroBatchLanes`): the host hands the turn over at each exchange wait, which blocks nothing
+there, so both micro-batches' work is queued and the device overlaps one's exchanges with the
+other's compute. Backward passes accumulate into the same `.grad`s, so each starts on the
+device after the previous one: one's backward overlaps the other's forward, not its backward.
+The caller's stream waits for them all.
 """
 
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import ConfigError
-from .turns import Turns, playing
+from ..streams.lanes import MicroBatchLanes
+from .turns import Turns, holding, playing
 
 
 def interleaved_step(step: Callable[[Any], torch.Tensor], micro_batches: Sequence[Any]
@@ -39,6 +47,7 @@ def interleaved_step(step: Callable[[Any], torch.Tensor], micro_batches: Sequenc
     if len(micro_batches) == 0:
         raise ConfigError("interleaved_step needs at least one micro-batch")
     turns, inherited = Turns(len(micro_batches)), _thread_state()
+    lanes = MicroBatchLanes(len(micro_batches))  # a stream each on CUDA
     losses: list[torch.Tensor | None] = [None] * len(micro_batches)
     errors: list[BaseException | None] = [None] * len(micro_batches)
 
@@ -48,11 +57,13 @@ def interleaved_step(step: Callable[[Any], torch.Tensor], micro_batches: Sequenc
                 for context in inherited():
                     stack.enter_context(context)
                 stack.enter_context(playing(turns, i))
+                stack.enter_context(lanes.run(i))
                 loss = step(micro_batches[i])
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ConfigError("interleaved_step's step must return a scalar loss "
                                       f"tensor, micro-batch {i} returned {type(loss).__name__}")
-                loss.backward()
+                with lanes.backward(i, loss), holding() if lanes.overlaps else nullcontext():
+                    loss.backward()
                 losses[i] = loss.detach()
         except BaseException as exc:  # re-raised by the caller's thread
             errors[i] = exc
@@ -63,6 +74,7 @@ def interleaved_step(step: Callable[[Any], torch.Tensor], micro_batches: Sequenc
         thread.start()
     for thread in threads:
         thread.join()
+    lanes.join()
     for exc in errors:
         if exc is not None:
             raise exc

@@ -73,6 +73,18 @@ def playing(turns: Turns, micro_batch: int) -> Iterator[None]:
 
 
 @contextmanager
+def holding() -> Iterator[None]:
+    """Keep the turn inside, waits included: a backward on lanes that overlap, which must
+    accumulate its gradients after the previous micro-batch's (microbatches.py)."""
+    turns = getattr(_local, "turns", None)
+    _local.turns = None
+    try:
+        yield
+    finally:
+        _local.turns = turns
+
+
+@contextmanager
 def waiting() -> Iterator[None]:
     """Around a blocking wait for data in flight: another micro-batch computes meanwhile."""
     turns = getattr(_local, "turns", None)

@@ -3,7 +3,7 @@
 simulates the candidates, runs the best; `clock.py` makes its steps optimizer steps).
 
 Control plane. May import: `errors`, `registry`, `comm/`, `a2a_algos/`, `ops/`, `plan/`,
-`exchange/`, `control/`, `sim/` (the tuner, when it first fits)."""
+`exchange/`, `streams/`, `control/`, `sim/` (the tuner, when it first fits)."""
 
 from .adaptive import AdaptiveScheduler
 from .base import Scheduler, StepContext

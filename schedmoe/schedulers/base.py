@@ -26,6 +26,7 @@ from ..plan.layout import PaddedLayout, RaggedLayout, chunk_bounds
 from ..ops.codecs.codec_set import CodecSet
 from ..ops.experts.forms import Expert
 from ..control.recorder import StepRecorder
+from ..streams.lanes import INLINE, Lanes
 
 
 @dataclass
@@ -44,6 +45,7 @@ class StepContext:
     rider: Rider | None = None  # the agreement record, carried by the call's first dispatch
     shared: "SharedWork | None" = None  # the shared experts' work on this rank's tokens
     bounds: dict = field(default_factory=dict)  # chunk -> its slots [lo, hi), see `chunks`
+    lanes: Lanes = INLINE  # where the work runs: CUDA streams on GPUs (streams/lanes.py)
 
     def chunks(self, degree: int) -> list[tuple[int, int]]:
         """Split the capacity into `degree` chunks (fewer if C is smaller); chunk i is slots
@@ -74,18 +76,26 @@ class StepContext:
         """Run the shared experts now, if any and not yet run (a scheduler calls this while
         its exchanges are in flight; otherwise the layer does after the combine)."""
         if self.shared is not None:
-            self.shared.run(self.rec)
+            self.shared.start(self.rec, self.lanes)
 
     def dispatch(self, x_P: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Tokens to the ranks owning their experts."""
         return exchange(x_P, self.a2a, self.codecs.stream("dispatch", chunk),
                         self.codecs.stream("dispatch_grad", chunk), self.rec, "dispatch", chunk,
-                        self._ride(), self.splits(chunk, True))
+                        self._ride(), self.splits(chunk, True), self.lanes)
 
     def start_dispatch(self, x_P: torch.Tensor, chunk: int | None = None) -> PendingSend:
         """`dispatch` without waiting (no autograd: for schedules with their own backward)."""
         return start_send(x_P, self.a2a, self.codecs.stream("dispatch", chunk), self.rec,
-                          "dispatch", chunk, self._ride(), self.splits(chunk, True))
+                          "dispatch", chunk, self._ride(), self.splits(chunk, True), self.lanes)
+
+    def start_send(self, x_P: torch.Tensor, name: str, chunk: int,
+                   towards_experts: bool) -> PendingSend:
+        """Issue chunk `chunk`'s exchange `name` ("combine", "combine.bwd", "dispatch.bwd")
+        without waiting; the codec stream of the same name (`.bwd`: the gradient's)."""
+        stream = name.replace(".bwd", "_grad")
+        return start_send(x_P, self.a2a, self.codecs.stream(stream, chunk), self.rec, name,
+                          chunk, splits=self.splits(chunk, towards_experts), lanes=self.lanes)
 
     def _ride(self) -> Rider | None:
         return None if self.rider is None else self.rider.claim()
@@ -94,7 +104,7 @@ class StepContext:
         """Expert outputs back to the ranks that own the tokens."""
         return exchange(y_P, self.a2a, self.codecs.stream("combine", chunk),
                         self.codecs.stream("combine_grad", chunk), self.rec, "combine", chunk,
-                        splits=self.splits(chunk, False))
+                        splits=self.splits(chunk, False), lanes=self.lanes)
 
     def run_experts(self, recv_P: torch.Tensor, chunk: int | None = None,
                     time_backward: bool = True) -> torch.Tensor:
@@ -129,18 +139,56 @@ class _Mark(torch.autograd.Function):
 
 
 class SharedWork:
-    """The shared experts of one call: run once, by the scheduler or the layer, whichever asks
-    first (copies of a StepContext share it)."""
+    """The shared experts of one call on this rank's tokens `x_TM`: started once, by the
+    scheduler (while its exchanges are in flight) or the layer, whichever asks first (copies
+    of a StepContext share it), on the `shared` lane (a side stream on GPUs), backward too."""
 
-    def __init__(self, fn: Callable[[], torch.Tensor]) -> None:
-        self._fn = fn
+    def __init__(self, experts: torch.nn.Module, x_TM: torch.Tensor) -> None:
+        self._experts, self._x = experts, x_TM
         self.out: torch.Tensor | None = None
 
-    def run(self, rec: StepRecorder) -> torch.Tensor:
-        if self.out is None:
-            with rec("shared"):
-                self.out = self._fn()
+    def start(self, rec: StepRecorder, lanes: Lanes) -> None:
+        if self.out is not None:
+            return
+        params = [p for p in self._experts.parameters() if p.requires_grad]
+        if not lanes.overlaps or not torch.is_grad_enabled() or not (
+                self._x.requires_grad or params):
+            with lanes.on("shared", self._x), rec("shared"):
+                self.out = self._experts(self._x)
+        else:
+            self.out = _SharedRegion.apply(self._x, self._experts, rec, lanes, *params)
+
+    def result(self, rec: StepRecorder, lanes: Lanes) -> torch.Tensor:
+        """The shared experts' output, for the current lane."""
+        self.start(rec, lanes)
+        lanes.join("shared", self.out)
         return self.out
+
+
+class _SharedRegion(torch.autograd.Function):
+    """The shared experts on their lane as one autograd node whose backward runs on that lane
+    too (as autograd would place it on CUDA, made explicit so that a checking backend sees
+    it); parameter gradients go back to the engine."""
+
+    @staticmethod
+    def forward(ctx, x_TM, experts, rec, lanes, *params):  # type: ignore[override]
+        with torch.enable_grad(), lanes.on("shared", x_TM), rec("shared"):
+            x_in = x_TM.detach().requires_grad_(x_TM.requires_grad)
+            y_TM = experts(x_in)
+        ctx.lanes, ctx.params = lanes, params
+        ctx.save_for_backward(x_in, y_TM)
+        return y_TM.detach()
+
+    @staticmethod
+    def backward(ctx, grad_TM):  # type: ignore[override]
+        x_in, y_TM = ctx.saved_tensors
+        wanted = [x_in] if x_in.requires_grad else []
+        with ctx.lanes.on("shared", grad_TM):
+            found = torch.autograd.grad(y_TM, wanted + list(ctx.params), grad_TM,
+                                        retain_graph=True, allow_unused=True)
+        ctx.lanes.join("shared", *found)
+        grad_x = found[0] if x_in.requires_grad else None
+        return (grad_x, None, None, None) + tuple(found[len(wanted):])
 
 
 class Scheduler(ABC):

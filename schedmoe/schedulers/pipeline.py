@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..exchange.send import PendingSend, start_send
+from ..exchange.send import PendingSend
 from ..registry import register_scheduler
 from .base import Scheduler, StepContext
 
@@ -46,8 +46,7 @@ def pipelined_forward(x_P: torch.Tensor, step: StepContext, degree: int, graph: 
             y = step.run_experts(x_in, chunk=i, time_backward=False)  # timed below
         leaves.append(x_in)
         outs.append(y)
-        combines.append(start_send(y.detach(), step.a2a, step.codecs.stream("combine", i),
-                                   step.rec, "combine", i, splits=step.splits(i, False)))
+        combines.append(step.start_send(y.detach(), "combine", i, towards_experts=False))
     return step.cat([pending.wait() for pending in combines]), leaves, outs
 
 
@@ -74,9 +73,7 @@ class _PipelinedRegion(torch.autograd.Function):
         leaves, outs = saved[:chunks], saved[chunks:]
         params = [p for p, needed in zip(step.experts.parameters(), ctx.needs_input_grad[4:])
                   if needed]
-        grads = [start_send(step.slice(grad_P, i), step.a2a,
-                            step.codecs.stream("combine_grad", i), step.rec, "combine.bwd", i,
-                            splits=step.splits(i, True))
+        grads = [step.start_send(step.slice(grad_P, i), "combine.bwd", i, towards_experts=True)
                  for i in range(chunks)]
         back, param_grads = [], [None] * len(params)
         for i, pending in enumerate(grads):
@@ -91,8 +88,7 @@ class _PipelinedRegion(torch.autograd.Function):
                 if g is not None:
                     param_grads[k] = g if param_grads[k] is None else param_grads[k] + g
             # Sent even when the tokens need no gradient: every rank runs the same exchanges.
-            back.append(start_send(grad_in, step.a2a, step.codecs.stream("dispatch_grad", i),
-                                   step.rec, "dispatch.bwd", i, splits=step.splits(i, False)))
+            back.append(step.start_send(grad_in, "dispatch.bwd", i, towards_experts=False))
         grad_x = step.cat([pending.wait() for pending in back])
         it = iter(param_grads)
         return (grad_x, None, None, None) + tuple(
