@@ -91,7 +91,7 @@ class Lanes:
             return
         b, target = self.backend, self.lane(name)
         source = b.current() if after == "" else None if after is None else self.lane(after)
-        if source is not None and source is not target:
+        if source is not None and source != target:
             b.wait(target, b.record(source))
         for t in inputs:
             if t is not None:
@@ -105,7 +105,7 @@ class Lanes:
         if not self.overlaps:
             return
         b, here, source = self.backend, self.backend.current(), self.lane(name)
-        if source is not here:
+        if source != here:
             b.wait(here, b.record(source))
             for t in outputs:
                 if t is not None:

@@ -85,6 +85,13 @@ class FixedSizeCodec(Compressor):
         """float `[R, C]` from `sections(x_RC)`."""
         raise NotImplementedError(f"{type(self).__name__} has sections but no inverse")
 
+    def decode_rows(self, data: torch.Tensor, specs: list[SliceSpec],
+                    starts: list[int]) -> torch.Tensor | None:
+        """Every slice's rows decoded at once from the wire `data` (slice p at byte
+        `starts[p]`, its headers checked), in the specs' dtype; None (the default): decode
+        the sections with torch ops."""
+        return None
+
     def wire_bytes(self, spec: SliceSpec) -> int:
         return HEADER_BYTES + pad_to_align(self.body_bytes(spec))
 
@@ -147,8 +154,11 @@ class FixedSizeCodec(Compressor):
         want_PH = torch.stack([self.header(spec, size - HEADER_BYTES, data.device)
                                for spec, size in zip(specs, expected)])
         self._check_headers(torch.stack(heads), want_PH, specs, expected)
-        x_RC = self.from_sections([torch.cat(part) for part in parts], cols)
         rows = sum(spec.shape[0] for spec in specs)
+        x_NM = self.decode_rows(data, specs, list(itertools.accumulate([0] + expected[:-1])))
+        if x_NM is not None:  # one pass of a kernel (quant.py on CUDA)
+            return x_NM.view(rows, *specs[0].shape[1:])
+        x_RC = self.from_sections([torch.cat(part) for part in parts], cols)
         return x_RC.to(specs[0].dtype).view(rows, *specs[0].shape[1:])
 
     def compress(self, x_P: torch.Tensor) -> Wire:

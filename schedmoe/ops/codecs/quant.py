@@ -6,17 +6,22 @@ int8: scale = max|row| / 127, q = round(x / scale) (to nearest; error <= scale /
 fp8 (e4m3): scale = max|row| / 448, q = fp8(x / scale) (3 mantissa bits: relative error
 <= 2^-4, absolute <= scale * 2^-10 near zero).
 Rows holding NaN or Inf decode as all-NaN, so a bad value is never silently turned finite.
-On CUDA tensors the fused kernels of `schedmoe.ops.codecs.cuda_kernels` are used when available.
+On CUDA tensors the fused kernels of `schedmoe.ops.codecs.cuda_kernels` are used when available
+(one launch for all destinations, padded or ragged).
 """
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
+from ...comm.host import to_device
 from ...registry import register_compressor
 from . import cuda_kernels
-from .compressor import HEADER_BYTES, SliceSpec, Wire, pad_to_align, reinterpret
-from .fixed import FixedSizeCodec
+from .compressor import HEADER_BYTES, SliceSpec, Wire, reinterpret
+from .fixed import FixedSizeCodec, _row_geometry
 
 
 class RowScaledCodec(FixedSizeCodec):
@@ -34,17 +39,47 @@ class RowScaledCodec(FixedSizeCodec):
         return self.wire_dtype == torch.float8_e4m3fn
 
     def compress(self, x_P: torch.Tensor) -> Wire:
-        """On CUDA with cupy: one fused kernel writes scales and values into the wire."""
-        if not (x_P.is_cuda and cuda_kernels.available()):
+        """On CUDA with cupy: one fused kernel writes every slice's scales and values."""
+        if not _kernel_takes(x_P):
             return super().compress(x_P)
         P = x_P.shape[0]
         spec = SliceSpec(tuple(x_P.shape[1:]), x_P.dtype)
-        body = pad_to_align(self.body_bytes(spec))
-        wire_PB = torch.zeros(P, HEADER_BYTES + body, dtype=torch.uint8, device=x_P.device)
-        wire_PB[:, :HEADER_BYTES] = self.header(spec, body, x_P.device)
-        cuda_kernels.pack_rows(x_P.reshape(P, spec.rows, spec.cols), wire_PB, HEADER_BYTES,
-                               self.fp8)
-        return Wire(wire_PB.view(-1), [HEADER_BYTES + body] * P)
+        size = self.wire_bytes(spec)
+        wire_PB = torch.zeros(P, size, dtype=torch.uint8, device=x_P.device)
+        wire_PB[:, :HEADER_BYTES] = self.header(spec, size - HEADER_BYTES, x_P.device)
+        starts, offsets = _even_geometry(P, spec.rows, size, x_P.device)
+        cuda_kernels.pack_rows(x_P.reshape(P * spec.rows, spec.cols).contiguous(), wire_PB,
+                               starts, offsets, HEADER_BYTES, self.fp8)
+        return Wire(wire_PB.view(-1), [size] * P)
+
+    def compress_rows(self, x_NM: torch.Tensor, rows: list[int]) -> Wire:
+        """On CUDA with cupy: every destination's rows in one launch (headers placed by one
+        indexed copy)."""
+        if not _kernel_takes(x_NM):
+            return super().compress_rows(x_NM, rows)
+        row_shape, per = _row_geometry(x_NM)
+        specs = [SliceSpec((n, *row_shape), x_NM.dtype) for n in rows]
+        sizes = [self.wire_bytes(spec) for spec in specs]
+        offsets = [0, *itertools.accumulate(sizes)]
+        wire = torch.zeros(offsets[-1], dtype=torch.uint8, device=x_NM.device)
+        heads = torch.cat([self.header(spec, size - HEADER_BYTES, x_NM.device)
+                           for spec, size in zip(specs, sizes)])
+        at = np.add.outer(np.asarray(offsets[:-1]), np.arange(HEADER_BYTES)).reshape(-1)
+        wire[to_device(torch.from_numpy(at), x_NM.device)] = heads
+        starts = to_device([0, *itertools.accumulate(n * per for n in rows)], x_NM.device)
+        cuda_kernels.pack_rows(x_NM.reshape(-1, row_shape[-1]).contiguous(), wire, starts,
+                               to_device(offsets[:-1], x_NM.device), HEADER_BYTES, self.fp8)
+        return Wire(wire, sizes)
+
+    def decode_rows(self, data: torch.Tensor, specs: list[SliceSpec],
+                    starts: list[int]) -> torch.Tensor | None:
+        """On CUDA with cupy: every destination's rows in one launch, in the specs' dtype."""
+        if not (specs and _kernel_takes(data, specs[0].dtype)):
+            return None
+        rows = to_device([0, *itertools.accumulate(spec.rows for spec in specs)], data.device)
+        return cuda_kernels.unpack_rows(data, rows, to_device(starts, data.device),
+                                        HEADER_BYTES, sum(spec.rows for spec in specs),
+                                        specs[0].cols, self.fp8, specs[0].dtype)
 
     def quantise(self, x_PRC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale_PR fp32, q_PRC of wire_dtype)."""
@@ -83,12 +118,38 @@ class RowScaledCodec(FixedSizeCodec):
         return q_RC.float() * scale_R.unsqueeze(-1)
 
     def decode_body(self, body_PB: torch.Tensor, spec: SliceSpec) -> torch.Tensor:
-        if body_PB.is_cuda and cuda_kernels.available():
-            return cuda_kernels.unpack_rows(body_PB, spec.rows, spec.cols, self.fp8)
+        if _kernel_takes(body_PB, spec.dtype):  # rows of body p start p * stride(0) bytes in
+            P = body_PB.shape[0]
+            starts, offsets = _even_geometry(P, spec.rows, body_PB.stride(0), body_PB.device)
+            return cuda_kernels.unpack_rows(body_PB, starts, offsets, 0, P * spec.rows,
+                                            spec.cols, self.fp8, spec.dtype
+                                            ).view(P, spec.rows, spec.cols)
         P, R, C = body_PB.shape[0], spec.rows, spec.cols
         scale_PR = reinterpret(body_PB[:, :4 * R], torch.float32, P, R)
         q_PRC = reinterpret(body_PB[:, 4 * R:4 * R + R * C], self.wire_dtype, P, R, C)
         return q_PRC.float() * scale_PR.unsqueeze(-1)
+
+
+def _kernel_takes(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the fused kernels serve `t` (to or from `dtype`): CUDA, cupy, a dtype they
+    read, and an address their vector loads may use."""
+    return (t.is_cuda and (dtype or t.dtype) in cuda_kernels.DTYPES
+            and cuda_kernels.available() and t.data_ptr() % 16 == 0)
+
+
+_GEOMETRY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _even_geometry(P: int, rows: int, size: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row starts and byte offsets of P equal slices, on the device (made once per shape)."""
+    key = (P, rows, size, device)
+    if key not in _GEOMETRY:
+        if len(_GEOMETRY) >= 256:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = (to_device([p * rows for p in range(P + 1)], device),
+                          to_device([p * size for p in range(P)], device))
+    return _GEOMETRY[key]
 
 
 @register_compressor("int8")
