@@ -1,4 +1,4 @@
-The fused int8/fp8 CUDA kernels, checked without a GPU by compiling their source for the host
+"""The fused int8/fp8 CUDA kernels, checked without a GPU by compiling their source for the host
 and against the torch path on a GPU when one is present."""
 
 from __future__ import annotations
