@@ -9,6 +9,10 @@ from the rows it expects (`Compressor.wire_bytes`) or, for zstd, swaps them. The
 sends the gradient back the same way with the gradient codec; for a lossy codec the gradient
 is straight-through (the round trip is treated as the identity).
 
+Where each part runs (streams/lanes.py): compress and issue on the call's `codec` lane, the
+arrival on its `comm` lane, the decompression on `codec` after it, and the result handed to
+the calling lane; all one lane on CPUs.
+
 A call's first dispatch may carry a `Rider` (the per-call agreement record, control/rider.py):
 appended to every slice after compression and split off on arrival; the agreement checks it
 once the call's exchanges are issued, before the layer decodes anything.
@@ -107,11 +111,11 @@ def start_send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: Ste
             wire = codec.compress(x_P)
             if rider is not None:
                 wire = rider.attach(wire)
+        issued = rec.now()  # the exchange's time includes a data-dependent codec's size swap
         even = codec.fixed_size  # every slice the same size: no split sizes
         recv_sizes = wire.sizes if even else _swap_sizes(wire, a2a)
-        return _issue(wire, None if even else recv_sizes, a2a, rec, name, chunk, x_P, lanes,
-                      lambda data, sizes: codec.decompress(Wire(data, sizes), spec), rider,
-                      recv_sizes)
+        return _issue(wire, recv_sizes, even, a2a, rec, name, chunk, issued, x_P, lanes,
+                      lambda data, sizes: codec.decompress(Wire(data, sizes), spec), rider)
 
 
 def _swap_sizes(wire: Wire, a2a: A2AAlgorithm) -> list[int]:
@@ -120,19 +124,17 @@ def _swap_sizes(wire: Wire, a2a: A2AAlgorithm) -> list[int]:
     return a2a.exchange(sizes_P).tolist()
 
 
-def _issue(wire: Wire, recv_sizes: list[int] | None, a2a: A2AAlgorithm, rec: StepRecorder,
-           name: str, chunk: int | None, x_P: torch.Tensor, lanes: Lanes,
-           decode: Callable[[torch.Tensor, list[int]], torch.Tensor],
-           rider: Rider | None = None, arriving: list[int] | None = None) -> PendingSend:
-    """Issue the exchange of `wire` from the current (codec) lane; `recv_sizes` None: even
-    slices (`arriving`: their sizes)."""
-    issued = rec.now()
+def _issue(wire: Wire, recv_sizes: list[int], even: bool, a2a: A2AAlgorithm,
+           rec: StepRecorder, name: str, chunk: int | None, issued: object, x_P: torch.Tensor,
+           lanes: Lanes, decode: Callable[[torch.Tensor, list[int]], torch.Tensor],
+           rider: Rider | None = None) -> PendingSend:
+    """Issue the exchange of `wire` from the current (codec) lane (`even`: without split
+    sizes, every slice the same size)."""
     with lanes.issuing() as token:
-        handle = a2a.start(wire.data) if recv_sizes is None else \
-            a2a.start(wire.data, recv_sizes, wire.sizes)
+        handle = a2a.start(wire.data) if even else a2a.start(wire.data, recv_sizes, wire.sizes)
     rec.count_bytes(name, x_P.numel() * x_P.element_size(), wire.data.numel())
-    return PendingSend(handle, arriving or recv_sizes, decode, rec, name, chunk, issued, rider,
-                       lanes, token)
+    return PendingSend(handle, recv_sizes, decode, rec, name, chunk, issued, rider, lanes,
+                       token)
 
 
 def _start_ragged(x_NM: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,
@@ -144,6 +146,7 @@ def _start_ragged(x_NM: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec:
     codec = codec.without_feedback()
     with rec(name + ".compress", chunk):
         wire = codec.compress_rows(x_NM, send_rows)
+    issued = rec.now()
     specs = [SliceSpec((rows, *row_shape), x_NM.dtype) for rows in recv_rows]
     recv_sizes = [codec.wire_bytes(spec) for spec in specs]
     if any(size is None for size in recv_sizes):
@@ -152,7 +155,7 @@ def _start_ragged(x_NM: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec:
     def decode(received: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         return codec.decompress_rows(Wire(received, sizes), specs)
 
-    return _issue(wire, recv_sizes, a2a, rec, name, chunk, x_NM, lanes, decode)
+    return _issue(wire, recv_sizes, False, a2a, rec, name, chunk, issued, x_NM, lanes, decode)
 
 
 def send(x_P: torch.Tensor, a2a: A2AAlgorithm, codec: Compressor, rec: StepRecorder,

@@ -55,11 +55,11 @@ class Backend(Protocol):
 
     def issuing(self) -> contextlib.AbstractContextManager: ...  # exchanges issued inside
 
-    def fork(self, base: object, index: int) -> object: ...  # a new compute lane beside base
+    def arrive(self, token: object) -> None: ...  # the current lane follows their arrival
+
+    def fork(self, base: object, index: int) -> object: ...  # a micro-batch's compute lane
 
     def use_base(self, lane: object) -> contextlib.AbstractContextManager: ...  # this thread's
-
-    def arrive(self, token: object) -> None: ...  # the current lane follows their arrival
 
 
 class Lanes:

@@ -23,6 +23,7 @@ own (bf16 and fp16 travel as 16-bit integers through DLPack).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -255,20 +256,23 @@ def _kernels():
 
 
 def _as_cupy(t: torch.Tensor):
-    """`t` for cupy through DLPack; 16-bit floats as int16 (cupy has no bfloat16)."""
+    """`t` for cupy through DLPack; 16-bit floats as int16 (cupy has no bfloat16). Called with
+    cupy's current stream torch's, so that DLPack orders nothing more."""
     import cupy
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.view(torch.int16)
     return cupy.from_dlpack(t.detach())
 
 
-def _launch(kernel, rows: int, args: tuple) -> None:
+def _launch(kernel, rows: int, tensors: tuple[torch.Tensor, ...],
+            args: Callable[[list], tuple]) -> None:
+    """One block per row on torch's current stream (the codec lane inside an exchange,
+    streams/lanes.py); `args(arrays)` builds the arguments from the tensors as cupy arrays."""
     import cupy
     if rows == 0:
         return
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-    with stream:  # the current stream: the codec lane inside an exchange (streams/lanes.py)
-        kernel((rows,), (THREADS,), args)
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        kernel((rows,), (THREADS,), args([_as_cupy(t) for t in tensors]))
 
 
 def pack_rows(x_NC: torch.Tensor, wire: torch.Tensor, row_starts_P1: torch.Tensor,
@@ -278,11 +282,10 @@ def pack_rows(x_NC: torch.Tensor, wire: torch.Tensor, row_starts_P1: torch.Tenso
     starts `slice_offsets[p] + body_offset` bytes in). `x_NC`: contiguous fp32/fp16/bf16."""
     import cupy
     N, C = x_NC.shape
-    _launch(_kernels()[0], N, (_as_cupy(x_NC), cupy.int32(DTYPES[x_NC.dtype]),
-                               _as_cupy(wire), _as_cupy(row_starts_P1),
-                               _as_cupy(slice_offsets_P), cupy.int32(slice_offsets_P.numel()),
-                               cupy.int64(C), cupy.int64(body_offset), cupy.int32(fp8),
-                               cupy.int32(C % 4 == 0)))
+    _launch(_kernels()[0], N, (x_NC, wire, row_starts_P1, slice_offsets_P), lambda a: (
+        a[0], cupy.int32(DTYPES[x_NC.dtype]), a[1], a[2], a[3],
+        cupy.int32(slice_offsets_P.numel()), cupy.int64(C), cupy.int64(body_offset),
+        cupy.int32(fp8), cupy.int32(C % 4 == 0)))
 
 
 def unpack_rows(wire: torch.Tensor, row_starts_P1: torch.Tensor, slice_offsets_P: torch.Tensor,
@@ -292,9 +295,8 @@ def unpack_rows(wire: torch.Tensor, row_starts_P1: torch.Tensor, slice_offsets_P
     `pack_rows` writes them."""
     import cupy
     out = torch.empty(rows, cols, dtype=dtype, device=wire.device)
-    _launch(_kernels()[1], rows, (_as_cupy(wire), _as_cupy(row_starts_P1),
-                                  _as_cupy(slice_offsets_P), cupy.int32(slice_offsets_P.numel()),
-                                  cupy.int64(cols), cupy.int64(body_offset), cupy.int32(fp8),
-                                  _as_cupy(out), cupy.int32(DTYPES[dtype]),
-                                  cupy.int32(cols % 4 == 0)))
+    _launch(_kernels()[1], rows, (wire, row_starts_P1, slice_offsets_P, out), lambda a: (
+        a[0], a[1], a[2], cupy.int32(slice_offsets_P.numel()), cupy.int64(cols),
+        cupy.int64(body_offset), cupy.int32(fp8), a[3], cupy.int32(DTYPES[dtype]),
+        cupy.int32(cols % 4 == 0)))
     return out
