@@ -93,8 +93,9 @@ def test_layout_chunks_every_segment_alike():
     layout = RaggedLayout(send_Wn, np.array([[2, 2], [0, 1]]), capacity=5)
     x_NM = torch.arange(9.0).unsqueeze(1)  # segment rows: [0 1 2] [] [3] [4 5 6 7 8]
     parts = [layout.slice(x_NM, lo, hi) for lo, hi in ((0, 2), (2, 4), (4, 5))]
-    assert [p.squeeze(1).tolist() for p in parts] == [[0, 1, 3, 4, 5], [2, 6, 7], [8]]
-    assert layout.rows(0, 2, "send") == [2, 3] and layout.rows(2, 4, "recv") == [0, 0]
+    # chunk [lo, hi) of C = 5 takes rows [floor(lo n / 5), floor(hi n / 5)) of each segment
+    assert [p.squeeze(1).tolist() for p in parts] == [[0, 4, 5], [1, 6, 7], [2, 3, 8]]
+    assert layout.rows(0, 2, "send") == [1, 2] and layout.rows(2, 4, "recv") == [2, 0]
     assert torch.equal(layout.cat(parts, [(0, 2), (2, 4), (4, 5)]), x_NM)
     perm, counts = layout.expert_order(0, 5)  # received rows: (w0,e0) 2, (w0,e1) 2, (w1,e1) 1
     assert perm.tolist() == [0, 1, 2, 3, 4] and counts == [2, 3]
@@ -182,3 +183,24 @@ def one_rank_groups_fixed_capacity(rank: int, world: int) -> list:
 def test_one_rank_groups_run_fixed_capacity_ragged():
     dropped = run_ranks(one_rank_groups_fixed_capacity, 2, timeout=60)
     assert all(d[0] > 0 for d in dropped)
+
+
+def test_ragged_chunks_are_equal_in_rows_under_skew():
+    """One expert at 3x the mean (W = 4, 2 experts a rank, r = 4): cut by slot ranges the
+    chunks carried 1254 / 456 / 171 / 170 rows; cut by shares of every segment, each chunk
+    carries a quarter of every rank's sends and receives (max/mean <= 1.1)."""
+    from schedmoe.plan.layout import chunk_bounds
+
+    W, n = 4, 2
+    per_rank = np.array([384, 92, 92, 91, 91, 91, 91, 92])  # rows to experts 0..7
+    counts_WE = np.stack([np.roll(per_rank, 0) + w for w in range(W)])  # every rank alike-ish
+    layouts = [RaggedLayout(counts_WE[w].reshape(W, n), counts_WE[:, w * n:(w + 1) * n],
+                            int(counts_WE.max())) for w in range(W)]
+    bounds = chunk_bounds(layouts[0].capacity, 4)
+    for side in ("send", "recv"):
+        for layout in layouts:
+            rows = [sum(layout.rows(lo, hi, side)) for lo, hi in bounds]
+            assert sum(rows) == (layout.send_Wn if side == "send" else layout.recv_Wn).sum()
+            assert max(rows) / np.mean(rows) <= 1.1, (side, rows)
+    group = [sum(sum(layout.rows(lo, hi, "send")) for layout in layouts) for lo, hi in bounds]
+    assert max(group) / np.mean(group) <= 1.1, group

@@ -9,7 +9,9 @@ P stands for the payload's shape in the layout: `W n C M` padded, `N M` (send si
 
 A segment (w, e) is what one rank sends to local expert e of rank w (send side), or what it
 receives from rank w for its own local expert e (receive side). Schedules chunk the capacity:
-chunk [lo, hi) holds slots [lo, hi) of every segment, the same on every rank.
+chunk [lo, hi) of [0, C) holds slots [lo, hi) of every padded segment, and the same share of
+every ragged segment's rows (rows [floor(lo n / C), floor(hi n / C)) of a segment of n), so
+ragged chunks are equal in rows however skewed the routing; the same on every rank.
 
 - `PaddedLayout` (`ragged=False`, or error feedback at a fixed capacity): every segment
   padded to C slots, tensors `[W, n, C, M]`; slicing is a view, exchanges use even splits.
@@ -161,10 +163,18 @@ class RaggedLayout:
                                       counts).to(recv_RM.dtype)
         return torch.empty_like(y_RM).index_copy(0, perm_R, y_RM)
 
-    @staticmethod
-    def part(counts_Wn: np.ndarray, lo: int, hi: int) -> np.ndarray:
-        """Rows of each segment that fall in slots [lo, hi)."""
-        return np.clip(np.minimum(counts_Wn, hi) - lo, 0, None)
+    def first(self, counts_Wn: np.ndarray, at: int) -> np.ndarray:
+        """Where chunk bound `at` (of [0, C]) falls in each segment: the same share of every
+        segment's rows, floor(at * n / C), so that chunks are equal in rows on every rank and
+        every link however skewed the segments are (slot ranges would put a hot expert's rows
+        in the last chunks alone)."""
+        if self.capacity == 0:
+            return np.zeros_like(counts_Wn)
+        return (counts_Wn * at) // self.capacity
+
+    def part(self, counts_Wn: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Rows of each segment in chunk [lo, hi)."""
+        return self.first(counts_Wn, hi) - self.first(counts_Wn, lo)
 
     def rows(self, lo: int, hi: int, side: str) -> list[int]:
         """Rows per rank of chunk [lo, hi): sent to each rank ("send") or received from each
@@ -176,7 +186,7 @@ class RaggedLayout:
         """Positions, in the whole side's rows, of the rows of chunk [lo, hi)."""
         counts = (self.send_Wn if side == "send" else self.recv_Wn).reshape(-1)
         starts = np.cumsum(counts) - counts
-        return _runs(starts + lo, self.part(counts, lo, hi))
+        return _runs(starts + self.first(counts, lo), self.part(counts, lo, hi))
 
     def slice(self, x_NM: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         if (lo, hi) == (0, self.capacity):

@@ -70,10 +70,9 @@ class Prediction:
 
 
 def _chunk_rows(w: Workload, degree: int) -> list[float]:
-    """Rows one rank sends in each chunk. Chunks are ranges of capacity slots, as the schedulers
-    cut them (`chunk_bounds`); padded, every slot of every expert is sent; ragged, only the
-    routed rows, which fill an expert's first k T / E slots (routing balanced), so that the last
-    chunks of a generous capacity carry little or nothing but still cost their calls."""
+    """Rows one rank sends in each chunk, as the schedulers cut them (`chunk_bounds`): padded,
+    every slot of every expert in the chunk's slot range; ragged, only the routed rows (k T / E
+    per expert, routing balanced), the same share of them in each chunk (plan/layout.py)."""
 
     routed = w.top_k * w.tokens / w.num_experts  # rows per expert and source rank
     if w.capacity_factor <= 0:  # dropless: the capacity is what arrives
@@ -81,7 +80,7 @@ def _chunk_rows(w: Workload, degree: int) -> list[float]:
     else:
         capacity = w.capacity()
         fill = min(capacity, routed) if w.ragged else capacity
-    return [w.num_experts * max(0.0, min(hi, fill) - lo)
+    return [w.num_experts * fill * (hi - lo) / max(capacity, 1)
             for lo, hi in chunk_bounds(capacity, degree)]
 
 
