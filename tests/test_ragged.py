@@ -187,8 +187,8 @@ def test_one_rank_groups_run_fixed_capacity_ragged():
 
 def test_ragged_chunks_are_equal_in_rows_under_skew():
     """One expert at 3x the mean (W = 4, 2 experts a rank, r = 4): cut by slot ranges the
-    chunks carried 1254 / 456 / 171 / 170 rows; cut by shares of every segment, each chunk
-    carries a quarter of every rank's sends and receives (max/mean <= 1.1)."""
+    chunks are far apart in rows (max/mean > 2 here); cut by shares of every segment, each
+    chunk carries a quarter of every rank's sends and receives (max/mean <= 1.1)."""
     from schedmoe.plan.layout import chunk_bounds
 
     W, n = 4, 2
@@ -204,3 +204,5 @@ def test_ragged_chunks_are_equal_in_rows_under_skew():
             assert max(rows) / np.mean(rows) <= 1.1, (side, rows)
     group = [sum(sum(layout.rows(lo, hi, "send")) for layout in layouts) for lo, hi in bounds]
     assert max(group) / np.mean(group) <= 1.1, group
+    by_slots = [int(np.clip(np.minimum(counts_WE, hi) - lo, 0, None).sum()) for lo, hi in bounds]
+    assert sum(by_slots) == sum(group) and max(by_slots) / np.mean(by_slots) > 2  # the old cut
