@@ -31,6 +31,7 @@ from .control.agreement import (FAILED, OK, Agreed, Agreement, LocalStep, Rider,
                                 check_input)
 from .control.options import (FIXED_OPTIONS, MoEConfig, build_a2a, build_codecs,
                               build_scheduler, canonical, next_layer_index, same, sources)
+from .control.load import ExpertLoad
 from .control.recorder import StepRecorder
 from .control.rider import ride_costs_no_sync
 from .control.stats import LayerStats
@@ -129,6 +130,8 @@ class MoELayer(nn.Module):
         # (aux loss, stats) of the last call: under None that of any caller, under i that of
         # micro-batch i of an interleaved step (exchange/events.py), which calls in turns.
         self._last: dict[int | None, tuple[torch.Tensor | None, LayerStats | None]] = {}
+        # Pairs per expert over a window of calls (control/load.py; read by parallel.expert_load)
+        self.load = ExpertLoad()
         # Which experts this rank's state dict holds (ops/experts/ranges.py).
         self.register_state_dict_post_hook(save_expert_range)
         self.register_load_state_dict_pre_hook(load_expert_range)
@@ -194,6 +197,8 @@ class MoELayer(nn.Module):
             stats = LayerStats(num_tokens, agreed.capacity, local.limit, plan.counts_E,
                                plan.dropped_E, plan.kept_TK, ctx.notes, timer)
             self._last[None] = self._last[events.caller()] = (aux, stats)
+            if not compiling:  # host state stays out of a compiled graph
+                self.load.observe(plan.counts_E, plan.dropped_E)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
         return y
@@ -214,16 +219,24 @@ class MoELayer(nn.Module):
     def runtime_state(self) -> dict:
         """What this rank's layer carries from call to call beyond its state dict: the
         scheduler's tuning, error-feedback residuals, the router's choice counts since its last
-        balancing update. Checkpoints keep it per rank and restore it at the same layout."""
+        balancing update, the expert load's moving average. Checkpoints keep it per rank and restore it at the same layout."""
         counts = {name: buffer.clone() for name, buffer in self.gate.named_buffers(recurse=False)
                   if name in self.gate._non_persistent_buffers_set}
+        load = self.load.average_2E
         return {"scheduler": self.scheduler.runtime_state(),
-                "codecs": self.codecs.runtime_state(), "gate": counts}
+                "codecs": self.codecs.runtime_state(), "gate": counts,
+                "load": {"average": None if load is None else load.clone(),
+                         "calls": self.load.calls}}
 
     def load_runtime_state(self, state: dict) -> None:
         """Continue from `runtime_state()` of a layer built alike on the same rank."""
         self.scheduler.load_runtime_state(state.get("scheduler", {}))
         self.codecs.load_runtime_state(state.get("codecs", {}))
+        if "load" in state:
+            average = state["load"]["average"]
+            self.load.average_2E = None if average is None else average.clone().to(
+                next(self.parameters()).device)
+            self.load.calls = state["load"]["calls"]
         with torch.no_grad():
             for name, value in state.get("gate", {}).items():
                 getattr(self.gate, name).copy_(value)

@@ -153,3 +153,23 @@ def test_resume_skips_a_damaged_checkpoint_for_the_one_before(uninterrupted, tmp
                     progress=False, timeout=300)
     assert resumed["resumed_from"].endswith("step-000010")
     assert _curve(resumed) == _curve(full)[:30]
+
+
+def test_the_log_carries_the_experts_load(uninterrupted):
+    """Per step, each layer's balancedness (mean / max pairs per EP rank, a moving average
+    summed over all 4 ranks); at the end, each layer's load per expert and per rank."""
+    _, record = uninterrupted
+    cfg = record["config"]
+    for entry in record["history"]:
+        assert len(entry["balancedness"]) == cfg["layers"]
+        assert all(0 < b <= 1 for b in entry["balancedness"])
+    assert len(record["load"]) == cfg["layers"]
+    routed = cfg["batch"] * cfg["seq"] * cfg["top_k"]  # pairs per step over all ranks
+    for load in record["load"].values():
+        assert len(load["tokens"]) == cfg["num_experts"] and len(load["per_rank"]) == 2
+        assert sum(load["tokens"]) == pytest.approx(routed, rel=1e-4)  # dropless: all routed
+        assert load["balancedness"] == pytest.approx(
+            sum(load["per_rank"]) / 2 / max(load["per_rank"]))
+        assert load["dropped_fraction"] == 0.0
+        assert record["history"][-1]["balancedness"] == [
+            round(v["balancedness"], 4) for v in record["load"].values()]

@@ -11,6 +11,8 @@
   custom op.
 - `recorder.py`: the timing of a call's ops (`StepRecorder`, `TraceEvent`).
 - `stats.py`: `LayerStats`, what the last call did on this rank.
+- `load.py`: `ExpertLoad`, pairs per expert over a window of calls, and `LoadStats`, the load
+  summed over the ranks read against the placement (balancedness).
 - `validation.py`: checks of user-given numbers, choices and JSON files (CLI flags, cluster
   files), raising `ConfigError` with one line.
 

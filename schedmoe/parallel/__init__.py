@@ -8,22 +8,23 @@ FSDP2), global-norm clipping, and checkpoints with global expert identity (DCP, 
     ...; loss.backward(); schedmoe.parallel.clip_grad_norm_(model, 1.0, layout); opt.step()
     schedmoe.parallel.save_checkpoint(path, model, opt, layout)
 
-Built on the layer. May import: `errors`, `registry`, `layer`, `comm/`, `ops/`,
-`schedulers/`.
+Built on the layer. May import: `errors`, `registry`, `layer`, `comm/`, `ops/`, `control/`
+(the load's statistics), `schedulers/`.
 """
 
 import importlib
 
 from .data_parallel import clip_grad_norm_, data_parallel, fully_shard_moe
 from .identity import ExpertMap, canonical_name
-from .mesh import ParallelLayout, init_parallel, moe_layers, named_moe_layers
+from .mesh import ParallelLayout, expert_load, init_parallel, moe_layers, named_moe_layers
 
 # Checkpoints, imported on first use: `import schedmoe` (which needs `identity.py`) does not load
 # torch.distributed.checkpoint.
 _CHECKPOINT = ("full_state_dict", "gather_experts", "load_checkpoint", "read_manifest",
                "save_checkpoint", "verify_checkpoint")
-__all__ = ["ParallelLayout", "init_parallel", "moe_layers", "named_moe_layers", "data_parallel",
-           "fully_shard_moe", "clip_grad_norm_", *_CHECKPOINT, "ExpertMap", "canonical_name"]
+__all__ = ["ParallelLayout", "init_parallel", "moe_layers", "named_moe_layers", "expert_load",
+           "data_parallel", "fully_shard_moe", "clip_grad_norm_", *_CHECKPOINT, "ExpertMap",
+           "canonical_name"]
 
 
 def __getattr__(name: str):

@@ -25,7 +25,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from ..comm.groups import EPGroup, serves_cuda
+from ..comm.groups import EPGroup, collective, serves_cuda
+from ..control.load import LoadStats, read_loads
 from ..errors import ConfigError
 from ..layer import MoELayer
 
@@ -115,6 +116,25 @@ def named_moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def moe_layers(model: nn.Module) -> list[nn.Module]:
     """The model's MoELayers."""
     return [layer for _, layer in named_moe_layers(model)]
+
+
+def expert_load(model: nn.Module, group: dist.ProcessGroup | None = None
+                ) -> dict[str, LoadStats]:
+    """Each MoE layer's load (pairs per expert, a moving average over its recent calls),
+    summed over `group` (default: every rank; each routes only its own tokens, so the sum
+    over the EP group and its data-parallel replicas is the whole load), read against the
+    layer's placement. A collective: every rank of `group` calls it; one all-reduce for all
+    layers. Layers not called yet are left out."""
+    layers = [(name, layer) for name, layer in named_moe_layers(model)
+              if layer.load.average_2E is not None]
+    if not layers:
+        return {}
+    stacked = torch.cat([layer.load.average_2E.reshape(-1) for _, layer in layers])
+    if dist.is_initialized():
+        with collective("the expert load's all-reduce", EPGroup.resolve(group)):
+            dist.all_reduce(stacked, group=group)
+    loads = read_loads(stacked.tolist(), [layer for _, layer in layers])  # a report: host sync
+    return {name: load for (name, _), load in zip(layers, loads)}
 
 
 def check_layers(model: nn.Module, layout: ParallelLayout) -> list[tuple[str, nn.Module]]:

@@ -29,6 +29,7 @@ from ...comm.groups import serves_cuda
 from ...errors import CheckpointError, ConfigError
 from ..launch import planned_world, run_ranks_here
 from ...registry import registry
+from ...control.load import read_loads
 from ...control.validation import number, one_of
 from .data import CharCorpus, shard
 from .model import MoELM, lm_loss
@@ -159,6 +160,7 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
             path, extra = found
             start, history, resumed_from = extra["step"], extra["history"], str(path)
     bar = _progress_bar(cfg.steps, start) if progress and rank == 0 else None
+    loads: list = []  # the experts' load at the last step (control/load.py)
     for step in range(start, cfg.steps):
         began = time.perf_counter()
         inputs_BS, targets_BS = (shard(t, rank, world).to(device)
@@ -168,19 +170,25 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
         loss.backward()
         parallel.clip_grad_norm_(wrapped, cfg.clip, layout)
         opt.step()
-        dropped = sum(layer.last_stats.dropped for layer in layers)
-        # Logging: one all-reduce and one host sync per step.
-        stats = torch.stack([ce.detach().float(), aux.detach().float(),
-                             torch.tensor(float(dropped), device=device)])
+        dropped = sum(layer.last_stats.dropped_E.sum() for layer in layers)
+        # Logging: one all-reduce and one host sync per step. The experts' load (a moving
+        # average per layer, control/load.py) summed over every rank is the whole load.
+        stats = torch.cat([torch.stack([ce.detach().float(), aux.detach().float(),
+                                        dropped.float()]),
+                           *[layer.load.average_2E.reshape(-1) for layer in layers]])
         dist.all_reduce(stats)
+        values = stats.tolist()
+        loads = read_loads(values[3:], layers)
         seconds = time.perf_counter() - began
-        history.append({"step": step + 1, "loss": stats[0].item() / world,
-                        "aux": stats[1].item() / world, "dropped": int(stats[2].item()),
+        history.append({"step": step + 1, "loss": values[0] / world,
+                        "aux": values[1] / world, "dropped": int(values[2]),
+                        "balancedness": [round(load.balancedness, 4) for load in loads],
                         "tokens_per_s": cfg.batch * cfg.seq / seconds})
         if bar is not None:
             last = history[-1]
             bar.set_postfix(loss=f"{last['loss']:.4f}", aux=f"{last['aux']:.3f}",
-                            tok_s=f"{last['tokens_per_s']:.0f}", dropped=last["dropped"])
+                            tok_s=f"{last['tokens_per_s']:.0f}", dropped=last["dropped"],
+                            balance=f"{min(last['balancedness']):.2f}")
             bar.update(1)
         if checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             parallel.save_checkpoint(Path(checkpoint_dir) / f"step-{step + 1:06d}", wrapped, opt,
@@ -189,7 +197,10 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
     if bar is not None:
         bar.close()
     return {"config": asdict(cfg), "world": world, "layout": layout.describe(),
-            "backend": dist.get_backend(), "resumed_from": resumed_from, "history": history}
+            "backend": dist.get_backend(), "resumed_from": resumed_from, "history": history,
+            "load": {name: load.as_dict() for (name, _), load in
+                     zip(parallel.named_moe_layers(model), loads)}}
+
 
 
 def _check_resumable(saved: dict | None, cfg: TrainConfig, path: Path) -> None:
