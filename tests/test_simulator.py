@@ -294,3 +294,52 @@ def test_simulate_cli_preset_calibrate_and_save(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_skewed_load_and_its_placement_set_the_slowest_rank():
+    """A Zipf-skewed load (one expert per rank among 8 ranks): static placement leaves the
+    hottest expert's rank the slowest; planned placement with a replica slot a rank evens it."""
+    from schedmoe.sim import Cluster, Workload, predict
+
+    cluster = Cluster(nodes=2, ranks_per_node=4)
+    load = tuple(1.0 / (i + 1) ** 1.2 for i in range(16))
+    base = dict(tokens=2048, model_dim=1024, hidden_dim=2048, num_experts=16,
+                capacity_factor=0.0, ragged=True)
+    balanced = Workload(**base)
+    static = Workload(**base, expert_load=load)
+    planned = Workload(**base, expert_load=load, placement="planned")
+    replicated = Workload(**base, expert_load=load, placement="planned", redundant=1)
+    skews = [w.skew(cluster.world, 4) for w in (balanced, static, planned, replicated)]
+    assert skews[0] == 1.0 and skews[1] > skews[2] > skews[3] >= 1.0
+    assert skews[3] < 1.15  # replicas of the hot experts even the ranks
+    steps = [predict(w, cluster, "nccl", "none", 2).seconds
+             for w in (balanced, static, replicated)]
+    assert steps[1] > 1.5 * steps[0] and steps[2] < 1.2 * steps[0]
+    padded = Workload(**{**base, "capacity_factor": 1.25, "ragged": False}, expert_load=load)
+    assert padded.skew(cluster.world) == 1.0  # a capacity drops the excess instead
+    with pytest.raises(ConfigError, match="one per expert"):
+        Workload(**base, expert_load=(1.0, 2.0)).validate()
+    with pytest.raises(ConfigError, match="planned"):
+        Workload(**base, expert_load=load, redundant=1).validate()
+
+
+def test_simulate_cli_takes_the_load_of_a_train_run(tmp_path):
+    """`schedmoe simulate --expert-load RECORD.json`: the first layer's load of a
+    `schedmoe train --json` record, asked about static and planned placements."""
+    record = tmp_path / "train.json"
+    tokens = [900.0, 100.0] + [50.0] * 14
+    record.write_text(json.dumps({"load": {"blocks.0.moe": {"tokens": tokens}}}))
+    said = {}
+    for placement in ("static", "planned"):
+        extra = ["--redundant", "1"] if placement == "planned" else []
+        proc = subprocess.run(
+            [sys.executable, "-m", "schedmoe.tools.cli", "simulate", "--nodes", "2",
+             "--ranks-per-node", "4", "--num-experts", "16", "--capacity-factor", "0",
+             "--ragged", "true", "--expert-load", str(record), "--placement", placement,
+             "--degrees", "1", *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        said[placement] = float(proc.stdout.split("the busiest rank gets ")[1].split("x")[0])
+    assert said["static"] > 3 and said["planned"] < 1.2
+    bad = subprocess.run([sys.executable, "-m", "schedmoe.tools.cli", "simulate",
+                          "--expert-load", "1,x"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "expected numbers" in bad.stderr

@@ -8,6 +8,10 @@ out.
   (`[N, M]` rows, no padding): how a schedule chunks the rows, their split sizes, and how the
   experts see them. The choice is made once per call (`layout_for`) and the other modules ask
   the layout instead of branching on it.
+- `placement.py`: which logical expert each physical slot of each rank holds, and the
+  EPLB-style planner that balances the ranks under skewed routing (replicas, node-first
+  packing, moves in the objective). Used by the simulator so far; the layer still holds the
+  static placement (issue 27).
 
 Data plane. May import: `errors`, `comm/` (index tensors sent without a sync).
 """

@@ -7,12 +7,16 @@ pass (timeline.py) with its tasks costed from the cluster (cluster.py) and codec
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..plan.layout import chunk_bounds
+from ..plan.placement import plan_placement, static_placement
 from ..control.validation import number
 from .cluster import ALGORITHMS, Cluster, a2a_seconds, issue_seconds
 from .timeline import BACKWARD, FORWARD, Timeline, simulate
@@ -34,6 +38,13 @@ class Workload:
     dtype_bytes: int = 2
     ragged: bool = False  # exchange only the routed rows, not the padded [E, C, M] buffer
     shared_hidden_dim: int = 0  # shared experts' total hidden size; 0: none
+    # Skewed routing: each expert's share of the pairs (any scale, one per expert; empty:
+    # balanced), e.g. `parallel.expert_load(model)[name].tokens` of a run, and where the
+    # experts go: "static" (E / W consecutive experts a rank) or "planned" (plan/placement.py
+    # with `redundant` replica slots a rank). The slowest rank sets the step.
+    expert_load: tuple[float, ...] = ()
+    placement: str = "static"
+    redundant: int = 0
 
     def validate(self) -> None:
         for name in ("tokens", "model_dim", "hidden_dim", "num_experts", "top_k"):
@@ -49,6 +60,28 @@ class Workload:
                               f"({self.num_experts})")
         if not isinstance(self.ragged, bool):
             raise ConfigError(f"workload: ragged must be true or false, got {self.ragged!r}")
+        if self.expert_load and (len(self.expert_load) != self.num_experts or any(
+                not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+                for v in self.expert_load)):
+            raise ConfigError(f"workload: expert_load must be {self.num_experts} finite, "
+                              f"non-negative numbers, one per expert; got "
+                              f"{len(self.expert_load)}")
+        if self.placement not in ("static", "planned"):
+            raise ConfigError(f"workload: placement must be static or planned, got "
+                              f"{self.placement!r}")
+        number("workload", "redundant", self.redundant, integer=True,
+               high=self.num_experts)  # more replica slots than experts buy nothing
+        if self.redundant and self.placement != "planned":
+            raise ConfigError("workload: redundant slots need placement='planned'")
+
+    def skew(self, ranks: int, node_size: int | None = None) -> float:
+        """max / mean pairs per rank under the workload's load and placement (1.0 balanced):
+        the slowest rank receives and computes that many times the mean. A padded layout
+        at a capacity drops the excess instead: no skew in its rows."""
+        if not self.expert_load or (self.capacity_factor > 0 and not self.ragged):
+            return 1.0
+        return _skew(tuple(float(v) for v in self.expert_load), ranks, self.placement,
+                     self.redundant, node_size)
 
     def capacity(self) -> int:
         return math.ceil(self.capacity_factor * self.top_k * self.tokens / self.num_experts)
@@ -67,6 +100,19 @@ class Prediction:
     forward: Timeline = field(compare=False, repr=False)
     backward: Timeline = field(compare=False, repr=False)
     outside: float = field(compare=False, default=0.0)  # routing, scatter, gather
+
+
+@functools.lru_cache(maxsize=64)
+def _skew(load: tuple[float, ...], ranks: int, placement: str, redundant: int,
+          node_size: int | None) -> float:
+    """`Workload.skew`, planned once per question (a search asks for every candidate)."""
+    load_E = np.asarray(load)
+    if placement == "planned":
+        placed = plan_placement(load_E, ranks, redundant, node_size=node_size,
+                                seconds_per_move=0.0).placement
+    else:
+        placed = static_placement(load_E.size, ranks)
+    return 1.0 / placed.balancedness(load_E)
 
 
 def _chunk_rows(w: Workload, degree: int) -> list[float]:
@@ -92,8 +138,8 @@ def chunk_costs(workload: Workload, cluster: Cluster, algorithm: str, codec: str
     wire = codec_model.wire_fraction(w.dtype_bytes, w.model_dim)
     overhead = c.task_overhead_us * 1e-6
     first, expert, second = BACKWARD if backward else FORWARD
-    chunks = []
-    for chunk_rows in _chunk_rows(w, degree):
+    chunks, skew = [], w.skew(c.world, c.ranks_per_node)
+    for chunk_rows in (rows * skew for rows in _chunk_rows(w, degree)):
         nbytes = chunk_rows * w.model_dim * w.dtype_bytes
         coding = 0.0 if codec == "none" else overhead + codec_model.seconds(nbytes)
         # issuing an exchange is compute-side work: it joins the compress task before it

@@ -11,6 +11,7 @@ import statistics
 import sys
 import tempfile
 from dataclasses import fields
+from pathlib import Path
 
 from .bench import BenchConfig, format_table, run, save_json, save_trace
 from ..errors import ConfigError, RegistryError
@@ -42,6 +43,12 @@ HELP = {
     "dtype_bytes": "bytes per activation value (2: bf16)",
     "ragged": "exchange only the kept rows (true) or padded capacity (false)",
     "shared_hidden_dim": "hidden dimension of a shared expert; 0: none",
+    "expert_load": "each expert's share of the pairs: comma-separated numbers, or a JSON file "
+                   "(a list, or a `schedmoe train --json` record: its first layer's load); "
+                   "empty: balanced",
+    "placement": "where the experts go: static (E / W a rank) or planned (balanced by the "
+                 "placement planner)",
+    "redundant": "with --placement planned: replica slots per rank",
     # simulate: the cluster
     "nodes": "nodes in the EP group", "ranks_per_node": "ranks (GPUs) per node",
     "intra_gbyte_s": "intra-node bandwidth per rank, GB/s",
@@ -105,9 +112,25 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls: type, prefix: str = 
     defaults = cls()
     for f in fields(cls):
         value = getattr(defaults, f.name)
+        kind = _bool if isinstance(value, bool) else _numbers if isinstance(value, tuple) \
+            else type(value)
         p.add_argument("--" + prefix + f.name.replace("_", "-"), dest=prefix + f.name,
-                       type=_bool if isinstance(value, bool) else type(value), default=value,
-                       help=f"{HELP[f.name]} (default: {value})")
+                       type=kind, default=value, help=f"{HELP[f.name]} (default: {value})")
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """Numbers from "1,2,3" or a JSON file: a list, or a train record's first layer's load."""
+    try:
+        path = Path(text)
+        if "," not in text and path.is_file():
+            found = json.loads(path.read_text())
+            if isinstance(found, dict) and "load" in found:  # a `schedmoe train --json` record
+                found = next(iter(found["load"].values()))["tokens"]
+            return tuple(float(v) for v in found)
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except (ValueError, TypeError, KeyError, StopIteration, AttributeError, OSError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers like 3,1,1,1 or a JSON file of them, got {text!r} ({exc})")
 
 
 def _cluster_flags() -> list[str]:
@@ -266,6 +289,10 @@ def _simulate(args: argparse.Namespace) -> None:
           f"{cluster.intra_gbyte_s} GB/s per rank, {cluster.gemm_tflops} TFLOP/s; "
           f"{workload.tokens} tokens/rank, M={workload.model_dim}, H={workload.hidden_dim}, "
           f"E={workload.num_experts}, top-{workload.top_k}, C={workload.capacity()}")
+    if workload.expert_load:
+        print(f"expert load: the busiest rank gets "
+              f"{workload.skew(cluster.world, cluster.ranks_per_node):.2f}x the mean pairs "
+              f"({workload.placement} placement, {workload.redundant} replica slots a rank)")
     print(f"sequential (nccl, none, r=1): {1e3 * sequential.seconds:.3f} ms forward+backward")
     print(f"{'algorithm':<10}{'codec':<8}{'r':>3}{'fwd+bwd ms':>12}{'speedup':>9}"
           f"{'overlap eff.':>14}")

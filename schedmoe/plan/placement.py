@@ -1,0 +1,170 @@
+"""Expert placement: which logical expert each physical expert slot of each rank holds, and a
+planner that balances the ranks under skewed routing (DeepSeek's EPLB, chosen online as
+SmartMoE does).
+
+Legend: E logical experts, W ranks, S = E / W + R physical slots per rank (R redundant),
+l_E the load (pairs per step) of each logical expert.
+
+A replica of expert e gets l_e / r_e of its load (its pairs are split evenly across its r_e
+replicas); a rank's load is the sum over its slots. The planner (`plan_placement`):
+1. replicas: every expert starts with one; each of the W R redundant slots goes, in turn, to
+   the expert with the most load per replica;
+2. packing: replicas, heaviest first, each onto the least loaded rank with a free slot that
+   does not hold that expert yet, preferring a rank on a node that already holds a replica of
+   it (its gradient sum then stays inside the node) when that costs no more than the lightest;
+3. choice: the candidates (the current placement, the plan from scratch, the plan that keeps
+   each rank's current experts where it can) are scored by the step time they predict (the
+   slowest rank's load, `seconds_per_pair`) plus the cost of moving the experts that change
+   rank (`seconds_per_move`, amortised over `steps_between`); a new plan is taken only when
+   its predicted gain beats the cost of moving.
+Pure host-side functions on numpy arrays: every rank computes the same plan from the same
+(all-reduced) load.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """`slots` [W, S]: the logical expert in each physical slot of each rank."""
+
+    slots: tuple[tuple[int, ...], ...]
+    num_experts: int
+
+    @property
+    def ranks(self) -> int:
+        return len(self.slots)
+
+    @property
+    def slots_per_rank(self) -> int:
+        return len(self.slots[0])
+
+    def replicas(self) -> np.ndarray:
+        """r_E: how many slots hold each expert."""
+        return np.bincount(np.asarray(self.slots).reshape(-1), minlength=self.num_experts)
+
+    def rank_loads(self, load_E: np.ndarray) -> np.ndarray:
+        """Each rank's load: its slots' shares l_e / r_e."""
+        share_E = np.asarray(load_E, dtype=np.float64) / np.maximum(self.replicas(), 1)
+        return share_E[np.asarray(self.slots)].sum(axis=1)
+
+    def balancedness(self, load_E: np.ndarray) -> float:
+        """mean / max load per rank (1.0: even)."""
+        loads = self.rank_loads(load_E)
+        return float(loads.mean() / loads.max()) if loads.max() > 0 else 1.0
+
+    def holders(self, expert: int) -> list[int]:
+        return [w for w, row in enumerate(self.slots) if expert in row]
+
+    def moves(self, other: "Placement") -> int:
+        """Experts that must be copied to reach `other`: slots of `other` whose expert the
+        rank does not hold here."""
+        return sum(len(set(new) - set(old)) for old, new in zip(self.slots, other.slots))
+
+
+def static_placement(num_experts: int, ranks: int) -> Placement:
+    """Rank w holds experts [w E / W, (w + 1) E / W): today's layout, no replicas."""
+    if num_experts % ranks:
+        raise ConfigError(f"{num_experts} experts do not divide over {ranks} ranks")
+    n = num_experts // ranks
+    return Placement(tuple(tuple(range(w * n, (w + 1) * n)) for w in range(ranks)),
+                     num_experts)
+
+
+def replicate(load_E: np.ndarray, ranks: int, redundant: int) -> np.ndarray:
+    """r_E: one replica each, then each of the W R redundant slots to the expert with the
+    most load per replica (ties: the lower expert id); at most W replicas an expert."""
+    load_E = np.asarray(load_E, dtype=np.float64)
+    replicas = np.ones(load_E.size, dtype=np.int64)
+    heap = [(-load_E[e], e) for e in range(load_E.size)]
+    heapq.heapify(heap)
+    for _ in range(ranks * redundant):
+        while True:
+            _, e = heapq.heappop(heap)
+            if replicas[e] < ranks:
+                break
+        replicas[e] += 1
+        heapq.heappush(heap, (-load_E[e] / replicas[e], e))
+    return replicas
+
+
+def pack(load_E: np.ndarray, replicas_E: np.ndarray, ranks: int, slots: int,
+         node_size: int | None = None, keep: Placement | None = None) -> Placement:
+    """Replicas heaviest first onto the least loaded rank with a free slot that lacks the
+    expert (node-first: a rank on a node already holding the expert wins a tie within one
+    replica's load); with `keep`, each rank first keeps the experts it holds there that the
+    plan still has replicas for."""
+    load_E = np.asarray(load_E, dtype=np.float64)
+    share_E = load_E / replicas_E
+    rows: list[list[int]] = [[] for _ in range(ranks)]
+    rank_load = np.zeros(ranks)
+    left = replicas_E.copy()
+    if keep is not None:
+        for w, held in enumerate(keep.slots):
+            for e in held:
+                if left[e] > 0 and len(rows[w]) < slots and e not in rows[w]:
+                    rows[w].append(e)
+                    rank_load[w] += share_E[e]
+                    left[e] -= 1
+    todo = sorted(((share_E[e], e) for e in range(load_E.size) for _ in range(left[e])),
+                  key=lambda item: (-item[0], item[1]))
+    node = (lambda w: w // node_size) if node_size else (lambda w: 0)
+    for share, e in todo:
+        free = [w for w in range(ranks) if len(rows[w]) < slots and e not in rows[w]]
+        if not free:
+            raise ConfigError(f"no rank has a free slot for another replica of expert {e}")
+        lightest = min(rank_load[w] for w in free)
+        nodes = {node(w) for w in range(ranks) if e in rows[w]}
+        near = [w for w in free if node(w) in nodes and rank_load[w] <= lightest + share]
+        w = min(near or free, key=lambda r: (rank_load[r], r))
+        rows[w].append(e)
+        rank_load[w] += share
+    return Placement(tuple(tuple(sorted(row)) for row in rows), int(load_E.size))
+
+
+@dataclass
+class PlanChoice:
+    """The placement chosen and why: each candidate's predicted seconds per step and moves."""
+
+    placement: Placement
+    reason: str
+    candidates: dict[str, dict]
+
+
+def plan_placement(load_E: np.ndarray, ranks: int, redundant: int = 0,
+                   current: Placement | None = None, node_size: int | None = None,
+                   seconds_per_pair: float = 1e-6, seconds_per_move: float = 0.0,
+                   steps_between: int = 100) -> PlanChoice:
+    """The placement for the next `steps_between` steps (module docstring): the candidate with
+    the least predicted time per step, moves amortised, kept only if it beats staying."""
+    load_E = np.asarray(load_E, dtype=np.float64)
+    if load_E.ndim != 1 or load_E.size % ranks or (load_E < 0).any():
+        raise ConfigError(f"the load must be {ranks} x k non-negative numbers, one per expert;"
+                          f" got shape {load_E.shape}")
+    current = current or static_placement(load_E.size, ranks)
+    slots = load_E.size // ranks + redundant
+    replicas_E = replicate(load_E, ranks, redundant)
+    candidates = {"current": current}
+    if current.slots_per_rank == slots:
+        candidates["kept"] = pack(load_E, replicas_E, ranks, slots, node_size, keep=current)
+    candidates["fresh"] = pack(load_E, replicas_E, ranks, slots, node_size)
+    scored = {}
+    for name, placement in candidates.items():
+        step = float(placement.rank_loads(load_E).max()) * seconds_per_pair
+        moves = current.moves(placement) if placement.slots_per_rank == \
+            current.slots_per_rank else sum(len(row) for row in placement.slots)
+        scored[name] = {"step_s": step, "moves": moves,
+                        "per_step_s": step + moves * seconds_per_move / steps_between,
+                        "balancedness": placement.balancedness(load_E)}
+    best = min(scored, key=lambda name: (scored[name]["per_step_s"], name != "current"))
+    reason = "stay: no plan's gain beats its moves" if best == "current" else \
+        f"{best}: {scored['current']['per_step_s'] / scored[best]['per_step_s']:.2f}x " \
+        "predicted, moves included"
+    return PlanChoice(candidates[best], reason, scored)
