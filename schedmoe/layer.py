@@ -198,7 +198,7 @@ class MoELayer(nn.Module):
                                plan.dropped_E, plan.kept_TK, ctx.notes, timer)
             self._last[None] = self._last[events.caller()] = (aux, stats)
             if not compiling:  # host state stays out of a compiled graph
-                self.load.observe(plan.counts_E, plan.dropped_E)
+                self.load.observe(plan.counts_E, plan.dropped_E, ctx.lanes)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
         return y
@@ -222,7 +222,7 @@ class MoELayer(nn.Module):
         balancing update, the expert load's moving average. Checkpoints keep it per rank and restore it at the same layout."""
         counts = {name: buffer.clone() for name, buffer in self.gate.named_buffers(recurse=False)
                   if name in self.gate._non_persistent_buffers_set}
-        load = self.load.average_2E
+        load = self.load.read(lanes_for(next(self.parameters()).device))
         return {"scheduler": self.scheduler.runtime_state(),
                 "codecs": self.codecs.runtime_state(), "gate": counts,
                 "load": {"average": None if load is None else load.clone(),

@@ -16,6 +16,7 @@
 - `validation.py`: checks of user-given numbers, choices and JSON files (CLI flags, cluster
   files), raising `ConfigError` with one line.
 
-Control plane. May import: `errors`, `registry`, `comm/`, `routing/`, `ops/`, `a2a_algos/`.
+Control plane. May import: `errors`, `registry`, `comm/`, `streams/`, `routing/`, `ops/`,
+`a2a_algos/`.
 The schedulers (`schedulers/`) and the simulator (`sim/`) are the rest of the control plane.
 """

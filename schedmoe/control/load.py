@@ -5,7 +5,8 @@ Legend: E experts (global), W ranks of the EP group.
 
 Each layer keeps `ExpertLoad`: an exponential moving average, call by call, of the pairs its
 rank routed to each global expert and of those dropped, as device tensors updated without a
-host sync. The ranks' averages summed (over the EP group and its data-parallel replicas: every
+host sync (on the `stats` lane, which every call shares, so that micro-batches on streams of
+their own update it in turn; readers join that lane). The ranks' averages summed (over the EP group and its data-parallel replicas: every
 rank routes only its own tokens) give each expert's load; `LoadStats` reads it against the
 placement (rank w holds experts [w E / W, (w + 1) E / W)): tokens per rank and balancedness,
 mean / max tokens per rank (1.0: perfectly even).
@@ -16,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..streams.lanes import INLINE, Lanes
 
 
 class ExpertLoad:
@@ -29,14 +32,23 @@ class ExpertLoad:
         self.average_2E: torch.Tensor | None = None  # [routed, dropped] per expert
         self.calls = 0
 
-    def observe(self, counts_E: torch.Tensor, dropped_E: torch.Tensor) -> None:
-        """Add one call's counts (device ops only)."""
-        now_2E = torch.stack([counts_E, dropped_E]).float()
-        if self.average_2E is None or self.average_2E.shape != now_2E.shape:
-            self.average_2E = now_2E.clone()  # the first call is the window's start
-        else:
-            self.average_2E.mul_(self.decay).add_(now_2E, alpha=1.0 - self.decay)
+    def observe(self, counts_E: torch.Tensor, dropped_E: torch.Tensor,
+                lanes: Lanes = INLINE) -> None:
+        """Add one call's counts (device ops only), on the `stats` lane: micro-batches on
+        streams of their own update the average one after the other (streams/lanes.py)."""
+        with lanes.on("stats", counts_E, dropped_E, self.average_2E):
+            now_2E = torch.stack([counts_E, dropped_E]).float()
+            if self.average_2E is None or self.average_2E.shape != now_2E.shape:
+                self.average_2E = now_2E  # the first call is the window's start
+            else:
+                self.average_2E.mul_(self.decay).add_(now_2E, alpha=1.0 - self.decay)
         self.calls += 1
+
+    def read(self, lanes: Lanes = INLINE) -> torch.Tensor | None:
+        """The average `[routed, dropped]` per expert, for the current lane."""
+        if self.average_2E is not None:
+            lanes.join("stats", self.average_2E)
+        return self.average_2E
 
     def reset(self) -> None:
         self.average_2E, self.calls = None, 0

@@ -8,8 +8,8 @@ FSDP2), global-norm clipping, and checkpoints with global expert identity (DCP, 
     ...; loss.backward(); schedmoe.parallel.clip_grad_norm_(model, 1.0, layout); opt.step()
     schedmoe.parallel.save_checkpoint(path, model, opt, layout)
 
-Built on the layer. May import: `errors`, `registry`, `layer`, `comm/`, `ops/`, `control/`
-(the load's statistics), `schedulers/`.
+Built on the layer. May import: `errors`, `registry`, `layer`, `comm/`, `streams/`, `ops/`,
+`control/` (the load's statistics), `schedulers/`.
 """
 
 import importlib

@@ -29,6 +29,7 @@ from ..comm.groups import EPGroup, collective, serves_cuda
 from ..control.load import LoadStats, read_loads
 from ..errors import ConfigError
 from ..layer import MoELayer
+from ..streams.lanes import lanes_for
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ def expert_load(model: nn.Module, group: dist.ProcessGroup | None = None
               if layer.load.average_2E is not None]
     if not layers:
         return {}
-    stacked = torch.cat([layer.load.average_2E.reshape(-1) for _, layer in layers])
+    lanes = lanes_for(layers[0][1].load.average_2E.device)
+    stacked = torch.cat([layer.load.read(lanes).reshape(-1) for _, layer in layers])
     if dist.is_initialized():
         with collective("the expert load's all-reduce", EPGroup.resolve(group)):
             dist.all_reduce(stacked, group=group)

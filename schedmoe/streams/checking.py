@@ -71,8 +71,8 @@ class CheckingLanes(TorchDispatchMode):
     def current(self) -> str:
         return getattr(self._local, "lane", None) or getattr(self._local, "base", BASE)
 
-    def side(self, base: str, name: str) -> str:
-        return f"{base}/{name}"
+    def side(self, base: str | None, name: str) -> str:
+        return name if base is None else f"{base}/{name}"
 
     @contextlib.contextmanager
     def use(self, lane: str) -> Iterator[None]:

@@ -8,6 +8,7 @@ A call's work runs on four lanes, relative to the caller's current stream:
 | `codec`   | compress and decompress, issuing each exchange       | a side stream             |
 | `comm`    | nothing but each exchange's arrival (a stream wait)  | a side stream             |
 | `shared`  | the shared experts                                   | a side stream             |
+| `stats`   | updates of state every call shares (the expert load) | one stream a device       |
 
 Work moves between lanes by two calls, the only ordering there is:
 - `on(lane, *inputs, after=...)`: run the enclosed ops on `lane`, after everything queued so
@@ -35,7 +36,8 @@ from typing import Iterator, Protocol
 
 import torch
 
-LANES = ("compute", "codec", "comm", "shared")
+LANES = ("compute", "codec", "comm", "shared", "stats")
+GLOBAL = ("stats",)  # one lane for every call (micro-batches too): its updates stay in order
 
 
 class Backend(Protocol):
@@ -43,7 +45,7 @@ class Backend(Protocol):
 
     def current(self) -> object: ...  # the current lane (a stream)
 
-    def side(self, base: object, name: str) -> object: ...  # lane `name` beside `base`
+    def side(self, base: object | None, name: str) -> object: ...  # `name` beside base
 
     def use(self, lane: object) -> contextlib.AbstractContextManager: ...
 
@@ -78,7 +80,8 @@ class Lanes:
         if name not in self._lanes:
             if name not in LANES:
                 raise ValueError(f"no lane {name!r}; lanes are {LANES}")
-            self._lanes[name] = self.backend.side(self._lanes["compute"], name)
+            base = None if name in GLOBAL else self._lanes["compute"]
+            self._lanes[name] = self.backend.side(base, name)
         return self._lanes[name]
 
     @contextlib.contextmanager
@@ -143,11 +146,14 @@ class CudaStreams:
     def current(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream()
 
-    def side(self, base: torch.cuda.Stream, name: str) -> torch.cuda.Stream:
-        key = (base.cuda_stream, name)
+    def side(self, base: torch.cuda.Stream | None, name: str) -> torch.cuda.Stream:
+        """Lane `name` beside `base`; with no base, the device's one lane of that name."""
+        device = torch.device("cuda", torch.cuda.current_device()) if base is None \
+            else base.device
+        key = (device.index if base is None else base.cuda_stream, name)
         with self._lock:
             if key not in self._sides:
-                self._sides[key] = torch.cuda.Stream(base.device)
+                self._sides[key] = torch.cuda.Stream(device)
             return self._sides[key]
 
     def use(self, lane: torch.cuda.Stream) -> contextlib.AbstractContextManager:

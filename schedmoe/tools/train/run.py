@@ -30,6 +30,7 @@ from ...errors import CheckpointError, ConfigError
 from ..launch import planned_world, run_ranks_here
 from ...registry import registry
 from ...control.load import read_loads
+from ...streams.lanes import lanes_for
 from ...control.validation import number, one_of
 from .data import CharCorpus, shard
 from .model import MoELM, lm_loss
@@ -175,7 +176,8 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
         # average per layer, control/load.py) summed over every rank is the whole load.
         stats = torch.cat([torch.stack([ce.detach().float(), aux.detach().float(),
                                         dropped.float()]),
-                           *[layer.load.average_2E.reshape(-1) for layer in layers]])
+                           *[layer.load.read(lanes_for(device)).reshape(-1)
+                             for layer in layers]])
         dist.all_reduce(stats)
         values = stats.tolist()
         loads = read_loads(values[3:], layers)
