@@ -174,3 +174,26 @@ def _dropped_arrival(rank: int, world: int) -> int:
 
 def test_checker_catches_a_dropped_arrival():
     assert all(n > 0 for n in run_ranks(_dropped_arrival, 2))
+
+
+def _interleaved_with_shared_state(rank: int, world: int, options: dict) -> tuple[list, list]:
+    """State every call updates (error-feedback residuals, aux-free balancing counts) under
+    two micro-batches on lanes of their own."""
+    torch.manual_seed(0)
+    layer = schedmoe.MoELayer(M, E, H, scheduler="pipeline", **options)
+    batches = [torch.randn(T, M, generator=torch.Generator().manual_seed(10 * rank + i))
+               for i in range(2)]
+    checker = CheckingLanes()
+    with lanes.checking(checker), checker:
+        interleaved_step(lambda b: layer(b).square().sum(), batches)
+    return checker.errors[:3], sorted(checker.ops)
+
+
+@pytest.mark.parametrize("options", [
+    {"compressor": "int8+ef", "capacity_factor": 1.25, "ragged": False},
+    {"gate": "sigmoid_grouped", "gate_options": {"bias_update_rate": 0.01}},
+], ids=["error-feedback", "aux-free-balancing"])
+def test_state_every_call_shares_is_updated_on_one_lane(options):
+    for errors, used in run_ranks(_interleaved_with_shared_state, 2, options, timeout=300):
+        assert errors == []
+        assert "stats" in used  # the shared state's lane

@@ -1,7 +1,7 @@
 """The modular ops of an MoE step, each registered by name: payload codecs (`codecs/`) and
 expert forms (`experts/`).
 
-Data plane. May import: `errors`, `registry`, `comm`.
+Data plane. May import: `errors`, `registry`, `comm`, `streams` (the lane of shared state).
 """
 
 from .codecs.cast import BF16Codec, FP16Codec

@@ -10,7 +10,8 @@
 - `capacity.py`: every pair's slot in its expert's buffer and this rank's capacity limit.
 - `route.py`: one rank's routing of a call (router, slots, limit, split sizes).
 
-Data plane. May import: `errors`, `registry`, `comm` (the host copy of the split sizes).
+Data plane. May import: `errors`, `registry`, `comm` (the host copy of the split sizes),
+`streams` (the lane of shared state).
 """
 
 from .balance import BALANCE_LOSSES, balance_loss, update_balancing_biases

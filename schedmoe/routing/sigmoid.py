@@ -18,6 +18,7 @@ import torch.distributed as dist
 from ..errors import ConfigError
 from ..registry import register_gate
 from .base import Router, Routing, z_loss
+from ..streams.lanes import lanes_for
 from .capacity import count_per_expert
 
 
@@ -77,8 +78,10 @@ class GroupLimitedSigmoidRouter(Router):
                 .view(num_tokens, -1)
         expert_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
         if self.training and self.bias_update_rate > 0 and torch._C._current_graph_task_id() == -1:
-            # counted once per training call (not again in a checkpoint's recompute)
-            self.load_E += count_per_expert(expert_TK, self.num_experts)
+            # counted once per training call (not again in a checkpoint's recompute), on the
+            # lane every call shares: micro-batches on streams of their own add in turn
+            with lanes_for(expert_TK.device).on("stats", expert_TK, self.load_E):
+                self.load_E += count_per_expert(expert_TK, self.num_experts)
         weight_TK = scores_TE.gather(1, expert_TK)
         if self.normalize_weights:
             weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)

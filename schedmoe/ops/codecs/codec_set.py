@@ -25,6 +25,7 @@ import torch
 
 from ...errors import ConfigError
 from ...registry import registry
+from ...streams.lanes import lanes_for
 from .checksum import Checksummed
 from .compressor import Compressor, SliceSpec, Wire
 
@@ -51,12 +52,17 @@ class ErrorFeedback(Compressor):
         return self.inner.describe() + "+ef"
 
     def compress(self, x_P: torch.Tensor) -> Wire:
-        x_P = x_P.float() if not x_P.is_floating_point() else x_P
-        if self.residual is not None and self.residual.shape == x_P.shape:
-            x_P = x_P + self.residual.to(x_P.dtype)
-        wire = self.inner.compress(x_P)
-        sent = self.inner.decompress(wire, SliceSpec(tuple(x_P.shape[1:]), x_P.dtype))
-        self.residual = (x_P - sent).detach()
+        # The residual is state every call shares: on the `stats` lane, so that micro-batches
+        # on streams of their own read and replace it in turn (streams/lanes.py).
+        lanes = lanes_for(x_P.device)
+        with lanes.on("stats", x_P, self.residual):
+            x_P = x_P.float() if not x_P.is_floating_point() else x_P
+            if self.residual is not None and self.residual.shape == x_P.shape:
+                x_P = x_P + self.residual.to(x_P.dtype)
+            wire = self.inner.compress(x_P)
+            sent = self.inner.decompress(wire, SliceSpec(tuple(x_P.shape[1:]), x_P.dtype))
+            self.residual = (x_P - sent).detach()
+        lanes.join("stats", wire.data)
         return wire
 
     def decompress(self, wire: Wire, spec: SliceSpec) -> torch.Tensor:
