@@ -10,8 +10,8 @@ sends the gradient back the same way with the gradient codec; for a lossy codec 
 is straight-through (the round trip is treated as the identity).
 
 Where each part runs (streams/lanes.py): compress and issue on the call's `codec` lane, the
-arrival on its `comm` lane, the decompression on `codec` after it, and the result handed to
-the calling lane; all one lane on CPUs.
+arrival on its `comm` lane, the decompression on its `decode` lane after it, and the result
+handed to the calling lane; all one lane on CPUs.
 
 A call's first dispatch may carry a `Rider` (the per-call agreement record, control/rider.py):
 appended to every slice after compression and split off on arrival; the agreement checks it
@@ -62,7 +62,7 @@ class PendingSend:
     and its arrival are events (events.py) for the features built on top: another micro-batch
     computes while it waits (overlap/turns.py), gradient chunks go out once none is in flight
     (overlap/link.py). On lanes that overlap (CUDA streams, streams/lanes.py), `wait()` blocks
-    nothing: the `comm` lane waits for the arrival, the `codec` lane decompresses after it and
+    nothing: the `comm` lane waits for the arrival, the `decode` lane decompresses after it and
     the calling lane waits for the decompressed tensor."""
 
     def __init__(self, handle, recv_sizes: list[int],
@@ -86,13 +86,13 @@ class PendingSend:
                                    stream="comm")
         finally:
             events.arrived(self)
-        with lanes.on("codec", data, after="comm"):
+        with lanes.on("decode", data, after="comm"):
             if self._rider is not None:  # concluded once the call is issued (agreement.py)
                 data, sizes = self._rider.detach(data, sizes)
             # Payload checks run on the device and are read later (ops/codecs/checks.py).
             with self._rec(self._name + ".decompress", self._chunk), checks.deferred():
                 out = self._decode(data, sizes)
-        lanes.join("codec", out)
+        lanes.join("decode", out)
         return out
 
 

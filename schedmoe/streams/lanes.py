@@ -1,12 +1,14 @@
 """Lanes: where one layer call's device work runs and what orders it (CUDA streams on GPUs).
 
-A call's work runs on four lanes, relative to the caller's current stream:
+A call's work runs on these lanes, relative to the caller's current stream (`stats` is one
+per device):
 
 | lane      | runs                                                 | on CUDA                   |
 | --------- | ---------------------------------------------------- | ------------------------- |
 | `compute` | routing, encode/decode, experts, their backward      | the caller's stream       |
-| `codec`   | compress and decompress, issuing each exchange       | a side stream             |
+| `codec`   | compress, issuing each exchange                      | a side stream             |
 | `comm`    | nothing but each exchange's arrival (a stream wait)  | a side stream             |
+| `decode`  | decompress, after the arrival                        | a side stream             |
 | `shared`  | the shared experts                                   | a side stream             |
 | `stats`   | updates of state every call shares (the expert load) | one stream a device       |
 
@@ -20,6 +22,10 @@ An exchange is issued inside `issuing()` (its reads go out after the issuing lan
 far) and `arrive(token)` orders the current lane (`comm`) after its arrival: on CUDA, NCCL
 does both itself (its stream waits for the issuing stream; `work.wait()` makes the current
 stream wait), so they only tell a checking backend (checking.py) what the wire did.
+
+Compression and decompression have lanes of their own so that chunk i + 1's decompression
+(which waits only for its arrival) is not queued behind chunk i's combine compression (which
+waits for chunk i's experts): it runs during chunk i's experts.
 
 The host never blocks on any of this. Side streams are kept per (device, caller stream), so
 micro-batches on streams of their own (overlap/microbatches.py) get side lanes of their own.
@@ -36,7 +42,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-LANES = ("compute", "codec", "comm", "shared", "stats")
+LANES = ("compute", "codec", "comm", "decode", "shared", "stats")
 GLOBAL = ("stats",)  # one lane for every call (micro-batches too): its updates stay in order
 
 
