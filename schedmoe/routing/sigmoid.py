@@ -54,6 +54,7 @@ class GroupLimitedSigmoidRouter(Router):
     @torch.no_grad()
     def update_selection_bias(self, group: dist.ProcessGroup | None = None) -> None:
         """bias += rate * sign(mean load - load), centred; counts summed over `group` first."""
+        lanes_for(self.load_E.device).join("stats", self.load_E)  # the counts are added there
         load_E = self.load_E.clone()
         if group is not None or (dist.is_available() and dist.is_initialized()):
             dist.all_reduce(load_E, group=group)

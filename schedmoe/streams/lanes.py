@@ -217,6 +217,17 @@ def current_backend(device: torch.device) -> Backend | None:
     return None
 
 
+def lane_key(device: torch.device) -> object:
+    """The current lane's identity on `device` (a CUDA stream's handle, a checker's lane name,
+    None inline): device constants cached per lane are read only by the lane that made them,
+    so a cache never hands one lane a tensor another lane may still be copying in."""
+    backend = current_backend(device)
+    if backend is None:
+        return None
+    lane = backend.current()
+    return getattr(lane, "cuda_stream", lane)
+
+
 INLINE = Lanes(None)
 
 

@@ -18,6 +18,7 @@ from abc import abstractmethod
 import torch
 
 from ...comm.host import to_device
+from ...streams.lanes import lane_key
 from .checks import deferring, post
 from .compressor import (ALIGN, HEADER_BYTES, Compressor, CorruptPayloadError, SliceSpec, Wire,
                          as_uint8, check_header, check_sizes, header_bytes, header_ints,
@@ -103,7 +104,7 @@ class FixedSizeCodec(Compressor):
             return torch.tensor(header_ints(self.codec_id, spec, body), dtype=torch.uint8,
                                 device=device)
         cache = self.__dict__.setdefault("_headers", {})
-        key = (spec, body, device)
+        key = (spec, body, device, lane_key(device))  # made by a copy on the current lane
         if key not in cache:
             if len(cache) >= HEADER_CACHE:
                 cache.clear()

@@ -19,6 +19,7 @@ import torch
 
 from ...comm.host import to_device
 from ...registry import register_compressor
+from ...streams.lanes import lane_key
 from . import cuda_kernels
 from .compressor import HEADER_BYTES, SliceSpec, Wire, reinterpret
 from .fixed import FixedSizeCodec, _row_geometry
@@ -143,7 +144,7 @@ _GEOMETRY: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def _even_geometry(P: int, rows: int, size: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row starts and byte offsets of P equal slices, on the device (made once per shape)."""
-    key = (P, rows, size, device)
+    key = (P, rows, size, device, lane_key(device))  # copied in on the current lane
     if key not in _GEOMETRY:
         if len(_GEOMETRY) >= 256:
             _GEOMETRY.clear()
