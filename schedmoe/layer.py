@@ -20,6 +20,8 @@ agreement checks them there: a change on one rank only raises ConfigMismatchErro
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -42,7 +44,9 @@ from .ops.codecs.codec_set import CodecSet
 from .ops.experts import mark_expert_parameters
 from .ops.experts.ranges import load_expert_range, save_expert_range
 from .ops.experts.shared import SharedExperts
+from .ops.experts.replicas import fill_slots, move_slots, sum_replica_grads
 from .plan.layout import layout_for
+from .plan.placement import Placement, PhysicalPairs, initial_placement
 from .plan.plans import DispatchPlan
 from .registry import registry
 from .routing.balance import balance_loss
@@ -93,10 +97,21 @@ class MoELayer(nn.Module):
         expert_args = dict(cfg.expert_options)
         if cfg.activation is not None:
             expert_args["activation"] = cfg.activation
+        # Physical expert slots a rank (plan/placement.py): its E / W experts, plus replica
+        # slots for hot experts, filled from the experts' owners (a collective).
+        self.slots = self.num_local_experts + cfg.redundant_slots
+        self.placement = initial_placement(cfg.num_experts, self.group.size,
+                                           cfg.redundant_slots)
+        self._physical: dict[torch.device, PhysicalPairs] = {}
         with torch.random.fork_rng(devices=gpus):  # every RNG the experts may draw from
             torch.manual_seed(expert_seed)
             self.experts = expert_cls(self.num_local_experts, model_dim, hidden_dim,
                                       **expert_args)
+            if cfg.redundant_slots:
+                own, self.experts = self.experts, expert_cls(self.slots, model_dim,
+                                                             hidden_dim, **expert_args)
+        if cfg.redundant_slots:
+            fill_slots(self.experts, own, self.placement.slots, self.group)
         mark_expert_parameters(self.experts)
         # Shared experts are replicated like the gate: drawn from the global RNG. n experts of
         # hidden size H are one MLP of n * H (their hidden units side by side, outputs summed).
@@ -115,7 +130,7 @@ class MoELayer(nn.Module):
         self.layer_index = next_layer_index(self.group)
         options = self._options()
         self._fixed = {name: options[name] for name in FIXED_OPTIONS}
-        self._agreement = Agreement(self.group, options, cfg.num_experts)
+        self._agreement = Agreement(self.group, options, self.group.size * self.slots)
         # A compiled call on several ranks checks its record through a custom op.
         self._compile_key = compiled.register(self._agreement) if self.group.distributed \
             else None
@@ -194,11 +209,15 @@ class MoELayer(nn.Module):
                                    sequences, self.balance_group)
         aux = balance + cfg.z_loss_weight * routing.z_loss
         if not recompute:
-            stats = LayerStats(num_tokens, agreed.capacity, local.limit, plan.counts_E,
-                               plan.dropped_E, plan.kept_TK, ctx.notes, timer)
+            counts_E, dropped_E = plan.counts_E, plan.dropped_E
+            if routed.logical_counts_E is not None:  # replica slots: the logical experts'
+                counts_E = routed.logical_counts_E
+                dropped_E = counts_E - counts_E.clamp(max=local.limit)
+            stats = LayerStats(num_tokens, agreed.capacity, local.limit, counts_E, dropped_E,
+                               plan.kept_TK, ctx.notes, timer)
             self._last[None] = self._last[events.caller()] = (aux, stats)
             if not compiling:  # host state stays out of a compiled graph
-                self.load.observe(plan.counts_E, plan.dropped_E, ctx.lanes)
+                self.load.observe(counts_E, dropped_E, ctx.lanes)
         y = y_TM.view(x.shape)
         y.l_aux = aux  # Tutel's convention
         return y
@@ -268,7 +287,48 @@ class MoELayer(nn.Module):
     def _options(self) -> dict[str, str]:
         options = self.config.canonical(self.codecs, self.scheduler, self.a2a)
         options["layer"] = f"MoE layer #{self.layer_index} built on this EP group"
+        options["placement"] = repr(self.placement.slots)
         return options
+
+    # -- placement (plan/placement.py, ops/experts/replicas.py) ------------------------------
+
+    def place(self, placement: Placement, optimizer: torch.optim.Optimizer | None = None
+              ) -> None:
+        """Move the experts to `placement` (the same slots a rank): the weights and the
+        optimizer's state shaped like them (AdamW's moments), one all-gather per tensor. A
+        collective: every rank of the EP group calls it, with the same placement, between
+        steps."""
+        p = placement
+        if (not isinstance(p, Placement) or p.ranks != self.group.size
+                or p.slots_per_rank != self.slots or p.num_experts != self.config.num_experts
+                or (p.replicas() == 0).any() or any(len(set(row)) != len(row) for row in p.slots)):
+            raise ConfigError(f"a placement for this layer holds every one of its "
+                              f"{self.config.num_experts} experts in {self.group.size} ranks x "
+                              f"{self.slots} slots, none twice on a rank; got {p!r}")
+        move_slots(self.experts, self.placement.slots, p.slots, self.config.num_experts,
+                   self.group, optimizer)
+        self.placement, self._physical = p, {}
+        self._changes += 1  # the ranks agree on the new placement at the next call
+
+    def sync_replica_grads(self) -> None:
+        """Sum each expert's gradient over its replicas (after the backward passes, before the
+        optimizer step; a collective). Nothing to do without replica slots."""
+        if self.config.redundant_slots:
+            sum_replica_grads(self.experts, self.placement.slots, self.config.num_experts,
+                              self.group)
+
+    def _to_physical(self, routed: Routed) -> Routed:
+        """The call's pairs on the placement's physical slots (PhysicalPairs)."""
+        device = routed.slot_TK.device
+        if device not in self._physical:
+            self._physical[device] = PhysicalPairs(self.placement, device)
+        physical = self._physical[device]
+        expert_TK, slot_TK, counts_P = physical.pairs(routed.routing.expert_TK, routed.slot_TK,
+                                                      routed.limit)
+        counts = None if routed.counts is None else physical.counts(routed.counts, routed.limit)
+        return dataclasses.replace(routed, expert_TK=expert_TK, slot_TK=slot_TK,
+                                   counts_E=counts_P, counts=counts,
+                                   logical_counts_E=routed.counts_E)
 
     def _wants_ragged(self) -> bool:
         cfg = self.config
@@ -332,15 +392,16 @@ class MoELayer(nn.Module):
         made it (a compiled call's agreement)."""
         cfg = self.config
         scheduler, codecs, a2a = running or self._live()
-        layout = layout_for(agreed.capacity, self.group.size, self.num_local_experts,
-                            local.counts, agreed.counts_WE, self.expert_offset)
+        layout = layout_for(agreed.capacity, self.group.size, self.slots,
+                            local.counts, agreed.counts_WE, self.group.rank * self.slots)
         fits = (local.problem == OK and local.limit <= agreed.capacity
                 and local.dtype == agreed.dtype and local.input_grad <= agreed.input_grad)
         plan: DispatchPlan | None = None
         if fits:
             routing = routed.routing
             with timer("encode"):
-                plan = layout.plan(routing.expert_TK, routing.weight_TK, routed.slot_TK,
+                experts_TK = routing.expert_TK if routed.expert_TK is None else routed.expert_TK
+                plan = layout.plan(experts_TK, routing.weight_TK, routed.slot_TK,
                                    routed.counts_E, local.limit)
                 x_P = layout.encode(x.reshape(-1, cfg.model_dim), plan)
             if after is not None:
@@ -382,7 +443,7 @@ class MoELayer(nn.Module):
             if local.problem == OK:
                 local.problem, local.error = FAILED, exc
         if self.ragged:
-            local.counts = [0] * cfg.num_experts
+            local.counts = [0] * (self.group.size * self.slots)
         if local.problem != OK:
             return local, None
         try:
@@ -395,6 +456,8 @@ class MoELayer(nn.Module):
         except Exception as exc:  # reported to every rank by the agreement, raised there
             local.problem, local.error = FAILED, exc
             return local, None
+        if cfg.redundant_slots:
+            routed = self._to_physical(routed)
         local.limit, local.layout, local.counts = routed.limit, routed.layout, routed.counts
         return local, routed
 

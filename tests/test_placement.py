@@ -103,3 +103,19 @@ def test_bad_load_is_refused():
         plan_placement(np.ones(6), ranks=4)
     with pytest.raises(ConfigError, match="one per expert"):
         plan_placement(-np.ones(8), ranks=4)
+
+
+def test_packing_never_paints_itself_into_a_corner():
+    """Greedy packing can leave the last free slots on ranks that already hold the expert it
+    must place: it then moves another expert to make room (every random load packs)."""
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        ranks = int(rng.choice([2, 4, 8]))
+        experts = ranks * int(rng.integers(1, 4))
+        redundant = int(rng.integers(1, experts - experts // ranks + 1))
+        load = rng.pareto(1.0, experts) + 0.01
+        plan = pack(load, replicate(load, ranks, redundant), ranks,
+                    experts // ranks + redundant, node_size=2 if trial % 2 else None)
+        assert all(len(set(row)) == len(row) == experts // ranks + redundant
+                   for row in plan.slots)
+        assert (plan.replicas() == replicate(load, ranks, redundant)).all()

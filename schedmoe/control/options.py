@@ -94,7 +94,7 @@ def _value_identity(value: Any) -> str:
 # Options that shape the parameters or the gate: fixed once the layer is built.
 FIXED_OPTIONS = ("model_dim", "num_experts", "hidden_dim", "top_k", "expert", "expert_options",
                  "activation", "gate", "gate_options", "normalize_weights", "gate_noise",
-                 "shared_hidden_dim", "num_shared_experts", "shared_gate")
+                 "shared_hidden_dim", "num_shared_experts", "shared_gate", "redundant_slots")
 
 
 @dataclass
@@ -130,6 +130,7 @@ class MoEConfig:
     allow_empty: bool = True  # False: a rank with no tokens is an error instead of a no-op
     trace: bool = False  # record every op's interval in last_stats.events
     verify: bool = False  # a checksum on every payload slice, checked on arrival
+    redundant_slots: int = 0  # replica slots a rank for hot experts (plan/placement.py)
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
@@ -155,6 +156,13 @@ class MoEConfig:
                 f"num_experts ({self.num_experts}) must be divisible by the EP group size "
                 f"({world_size}); each rank owns num_experts / world_size experts"
             )
+        n = self.num_experts // world_size
+        if not isinstance(self.redundant_slots, int) or isinstance(self.redundant_slots, bool) \
+                or self.redundant_slots < 0 or (self.redundant_slots and (
+                    world_size < 2 or self.redundant_slots > self.num_experts - n)):
+            raise ConfigError(f"redundant_slots must be an int in [0, {self.num_experts - n}] "
+                              f"(the experts a rank does not hold), on 2 or more ranks; got "
+                              f"{self.redundant_slots!r} on {world_size}")
         if not math.isfinite(self.capacity_factor):
             raise ConfigError(f"capacity_factor must be finite, got {self.capacity_factor}")
         check_drop_policy(self.drop_policy)
@@ -170,7 +178,7 @@ class MoEConfig:
             "model_dim", "num_experts", "hidden_dim", "top_k", "drop_policy",
             "normalize_weights", "check_finite", "allow_empty", "gate_options", "ragged",
             "expert_options", "shared_hidden_dim", "num_shared_experts", "shared_gate",
-            "balance_loss")}
+            "balance_loss", "redundant_slots")}
         options.update({name: canonical(float(getattr(self, name)))  # 1 and 1.0 agree
                         for name in ("capacity_factor", "gate_noise", "z_loss_weight",
                                      "input_jitter")})

@@ -27,6 +27,7 @@ import heapq
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import ConfigError
 
@@ -118,8 +119,8 @@ def pack(load_E: np.ndarray, replicas_E: np.ndarray, ranks: int, slots: int,
     node = (lambda w: w // node_size) if node_size else (lambda w: 0)
     for share, e in todo:
         free = [w for w in range(ranks) if len(rows[w]) < slots and e not in rows[w]]
-        if not free:
-            raise ConfigError(f"no rank has a free slot for another replica of expert {e}")
+        if not free:  # the free slots are all on ranks holding e: make room elsewhere
+            free = [_make_room(rows, rank_load, share_E, e, slots)]
         lightest = min(rank_load[w] for w in free)
         nodes = {node(w) for w in range(ranks) if e in rows[w]}
         near = [w for w in free if node(w) in nodes and rank_load[w] <= lightest + share]
@@ -127,6 +128,22 @@ def pack(load_E: np.ndarray, replicas_E: np.ndarray, ranks: int, slots: int,
         rows[w].append(e)
         rank_load[w] += share
     return Placement(tuple(tuple(sorted(row)) for row in rows), int(load_E.size))
+
+
+def _make_room(rows: list[list[int]], rank_load: np.ndarray, share_E: np.ndarray, e: int,
+               slots: int) -> int:
+    """A rank with a free slot holds e: move the lightest expert it lacks from a full rank
+    that lacks e onto it, and return that full rank (one exists: e has fewer than W replicas,
+    and a full rank holds more experts than a rank with a free slot, so not only ones it
+    shares with it)."""
+    w = next(r for r in range(len(rows)) if len(rows[r]) < slots)
+    v = min((r for r in range(len(rows)) if e not in rows[r]), key=lambda r: rank_load[r])
+    x = min((x for x in rows[v] if x not in rows[w]), key=lambda x: share_E[x])
+    rows[v].remove(x)
+    rows[w].append(x)
+    rank_load[v] -= share_E[x]
+    rank_load[w] += share_E[x]
+    return v
 
 
 @dataclass
@@ -168,3 +185,60 @@ def plan_placement(load_E: np.ndarray, ranks: int, redundant: int = 0,
         f"{best}: {scored['current']['per_step_s'] / scored[best]['per_step_s']:.2f}x " \
         "predicted, moves included"
     return PlanChoice(candidates[best], reason, scored)
+
+
+def initial_placement(num_experts: int, ranks: int, redundant: int) -> Placement:
+    """The static placement plus `redundant` slots a rank holding the experts of the next ranks
+    (rank w's extra slot i: expert i % n of rank w + 1 + i // n), before any load is known."""
+    n = num_experts // ranks
+    if redundant and (ranks < 2 or redundant > num_experts - n):
+        raise ConfigError(f"{redundant} replica slots a rank need 2 or more ranks and at most "
+                          f"{num_experts - n} (the experts a rank does not hold)")
+    return Placement(tuple(
+        tuple(range(w * n, (w + 1) * n)) + tuple(((w + 1 + i // n) % ranks) * n + i % n
+                                                 for i in range(redundant))
+        for w in range(ranks)), num_experts)
+
+
+class PhysicalPairs:
+    """A placement's tables on a device, and the mapping of one call's (token, choice) pairs
+    from logical experts to physical slots (global physical id p = w * S + s).
+
+    Pair (e, k), k its slot in logical expert e's buffer, goes to replica k mod r_e of e, in
+    slot k // r_e there: each replica gets an even share of every rank's pairs, and the slots
+    stay dense. A dropped pair (k >= limit) gets a physical slot >= limit, so the plans keep
+    exactly the logical kept set, and the result is the unreplicated layer's."""
+
+    def __init__(self, placement: Placement, device: torch.device) -> None:
+        self.placement = placement
+        slots = np.asarray(placement.slots)
+        self.num_physical = slots.size
+        replicas = placement.replicas()
+        table = np.zeros((placement.num_experts, int(replicas.max())), dtype=np.int64)
+        for e in range(placement.num_experts):
+            holders = np.flatnonzero(slots.reshape(-1) == e)
+            table[e, :holders.size] = holders
+            table[e, holders.size:] = holders[0]
+        self.replicas_host, self.table_host = replicas, table
+        self.replicas_E = torch.from_numpy(replicas).to(device)
+        self.table_EJ = torch.from_numpy(table).to(device)
+
+    def pairs(self, expert_TK: torch.Tensor, slot_TK: torch.Tensor, limit: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(physical expert, physical slot, kept pairs per physical expert) of the pairs."""
+        r_TK = self.replicas_E[expert_TK]
+        phys_TK = self.table_EJ[expert_TK, slot_TK % r_TK]
+        kept_TK = slot_TK < limit
+        slot_TK = torch.where(kept_TK, slot_TK // r_TK, limit + slot_TK)
+        counts_P = torch.zeros(self.num_physical, dtype=torch.int64, device=expert_TK.device)
+        counts_P.scatter_add_(0, phys_TK.reshape(-1), kept_TK.reshape(-1).to(torch.int64))
+        return phys_TK, slot_TK, counts_P
+
+    def counts(self, counts: list[int], limit: int) -> list[int]:
+        """Kept pairs per physical expert from the logical counts (host ints, no sync)."""
+        out = [0] * self.num_physical
+        for e, count in enumerate(counts):
+            kept, r = min(count, limit), int(self.replicas_host[e])
+            for j in range(r):
+                out[int(self.table_host[e, j])] = max(0, -(-(kept - j) // r))
+        return out

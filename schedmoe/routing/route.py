@@ -25,6 +25,10 @@ class Routed:
     limit: int  # this rank's capacity limit
     counts: list[int] | None = None  # ragged rows: kept pairs per expert (split sizes)
     layout: int = 0  # hash of the token -> slot layout (only when error feedback needs it)
+    # With replica slots (plan/placement.py): the pairs' physical experts; `slot_TK`,
+    # `counts_E` and `counts` are then physical, and `logical_counts_E` the router's.
+    expert_TK: torch.Tensor | None = None
+    logical_counts_E: torch.Tensor | None = None
 
 
 def route(gate: Router, x_TM: torch.Tensor, *, num_experts: int, top_k: int,

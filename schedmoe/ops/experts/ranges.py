@@ -19,14 +19,24 @@ from ...errors import CheckpointError
 KEY = "expert_range"
 
 
+def _refuse_replicas(layer: nn.Module, prefix: str) -> None:
+    if getattr(layer, "slots", layer.num_local_experts) != layer.num_local_experts:
+        raise CheckpointError(
+            f"{prefix.rstrip('.') or 'the layer'}: a layer with replica slots "
+            "(redundant_slots > 0) has no state dict yet (its slots are not in logical-expert "
+            "form); build it with redundant_slots=0 to save or load (issue 27)")
+
+
 def save_expert_range(layer: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
     """`state_dict` post-hook of MoELayer."""
+    _refuse_replicas(layer, prefix)
     state_dict[prefix + KEY] = torch.tensor(
         [layer.expert_offset, layer.num_local_experts, layer.config.num_experts])
 
 
 def load_expert_range(layer: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
     """`load_state_dict` pre-hook of MoELayer: check the saved range, slice a wider one."""
+    _refuse_replicas(layer, prefix)
     saved = state_dict.pop(prefix + KEY, None)
     if saved is None:
         return
