@@ -46,7 +46,7 @@ from .ops.experts.ranges import load_expert_range, save_expert_range
 from .ops.experts.shared import SharedExperts
 from .ops.experts.replicas import fill_slots, move_slots, sum_replica_grads
 from .plan.layout import layout_for
-from .plan.placement import Placement, PhysicalPairs, initial_placement
+from .plan.placement import Placement, PhysicalPairs, initial_placement, static_placement
 from .plan.plans import DispatchPlan
 from .registry import registry
 from .routing.balance import balance_loss
@@ -310,10 +310,17 @@ class MoELayer(nn.Module):
         self.placement, self._physical = p, {}
         self._changes += 1  # the ranks agree on the new placement at the next call
 
+    @property
+    def placed(self) -> bool:
+        """Whether the experts sit elsewhere than the static E / W a rank (replica slots, or
+        a planned placement): calls then map pairs onto physical slots."""
+        return self.config.redundant_slots > 0 or self.placement != static_placement(
+            self.config.num_experts, self.group.size)
+
     def sync_replica_grads(self) -> None:
         """Sum each expert's gradient over its replicas (after the backward passes, before the
         optimizer step; a collective). Nothing to do without replica slots."""
-        if self.config.redundant_slots:
+        if self.config.redundant_slots:  # (a placement without replicas has nothing to sum)
             sum_replica_grads(self.experts, self.placement.slots, self.config.num_experts,
                               self.group)
 
@@ -456,7 +463,7 @@ class MoELayer(nn.Module):
         except Exception as exc:  # reported to every rank by the agreement, raised there
             local.problem, local.error = FAILED, exc
             return local, None
-        if cfg.redundant_slots:
+        if self.placed:
             routed = self._to_physical(routed)
         local.limit, local.layout, local.counts = routed.limit, routed.layout, routed.counts
         return local, routed

@@ -149,3 +149,50 @@ def test_misuse_is_refused_on_every_rank():
     assert run_ranks(_misuse, 2) == [["placement", "placement", "state dict"]] * 2
     with pytest.raises(ConfigError, match="redundant_slots"):
         schedmoe.MoELayer(M, E, H, redundant_slots=1)  # one rank: nowhere to replicate
+
+
+def _planned_without_replicas(rank: int, world: int) -> list[float]:
+    """A planned placement without replica slots (experts moved between ranks) equals the
+    static layer too."""
+    plain, placed = _twins({"capacity_factor": 0.0, "scheduler": "pipeline"}, 0)
+    placed.place(Placement(((7, 0, 5, 2), (1, 6, 3, 4)), E))
+    assert placed.placed and not plain.placed
+    x = torch.randn(T, M, generator=torch.Generator().manual_seed(rank))
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    ys = [plain(xs[0]), placed(xs[1])]
+    for y in ys:
+        y.square().sum().backward()
+    slots = torch.tensor(placed.placement.slots[rank])
+    return [_rel(ys[1], ys[0]), _rel(xs[1].grad, xs[0].grad)] + [
+        _rel(q.grad, _logical(p.grad)[slots])
+        for p, q in zip(plain.experts.parameters(), placed.experts.parameters())]
+
+
+def test_a_planned_placement_without_replicas_equals_the_static_one():
+    for errors in run_ranks(_planned_without_replicas, 2):
+        assert max(errors) <= 1e-5, errors
+
+
+def _rebalance(rank: int, world: int) -> tuple[float, float, str]:
+    """A router biased towards experts 0 and 1 (both on rank 0): rebalance with a replica slot
+    a rank evens the ranks' load."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(schedmoe.MoELayer(M, E, H, capacity_factor=0.0,
+                                                  redundant_slots=1,
+                                                  gate_options={"bias": True}))
+    with torch.no_grad():
+        model[0].gate.bias_E[:2] = 2.0
+    x = torch.randn(64, M, generator=torch.Generator().manual_seed(rank))
+    model(x)
+    before = schedmoe.parallel.expert_load(model)["0"].balancedness
+    choice = schedmoe.parallel.rebalance(model)["0"]
+    model[0].load.reset()
+    model(x)
+    after = schedmoe.parallel.expert_load(model)["0"].balancedness
+    return before, after, choice.reason
+
+
+def test_rebalance_evens_a_skewed_load():
+    for before, after, reason in run_ranks(_rebalance, 2):
+        assert before < 0.8 and after >= 0.9, (before, after, reason)
+        assert not reason.startswith("stay")

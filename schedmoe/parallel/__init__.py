@@ -9,7 +9,7 @@ FSDP2), global-norm clipping, and checkpoints with global expert identity (DCP, 
     schedmoe.parallel.save_checkpoint(path, model, opt, layout)
 
 Built on the layer. May import: `errors`, `registry`, `layer`, `comm/`, `streams/`, `ops/`,
-`control/` (the load's statistics), `schedulers/`.
+`plan/` (placements), `control/` (the load's statistics), `schedulers/`.
 """
 
 import importlib
@@ -17,12 +17,14 @@ import importlib
 from .data_parallel import clip_grad_norm_, data_parallel, fully_shard_moe
 from .identity import ExpertMap, canonical_name
 from .mesh import ParallelLayout, expert_load, init_parallel, moe_layers, named_moe_layers
+from .placement import rebalance, sync_replica_grads
 
 # Checkpoints, imported on first use: `import schedmoe` (which needs `identity.py`) does not load
 # torch.distributed.checkpoint.
 _CHECKPOINT = ("full_state_dict", "gather_experts", "load_checkpoint", "read_manifest",
                "save_checkpoint", "verify_checkpoint")
 __all__ = ["ParallelLayout", "init_parallel", "moe_layers", "named_moe_layers", "expert_load",
+           "rebalance", "sync_replica_grads",
            "data_parallel", "fully_shard_moe", "clip_grad_norm_", *_CHECKPOINT, "ExpertMap",
            "canonical_name"]
 

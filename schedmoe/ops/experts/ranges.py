@@ -20,11 +20,12 @@ KEY = "expert_range"
 
 
 def _refuse_replicas(layer: nn.Module, prefix: str) -> None:
-    if getattr(layer, "slots", layer.num_local_experts) != layer.num_local_experts:
+    if getattr(layer, "placed", False):
         raise CheckpointError(
-            f"{prefix.rstrip('.') or 'the layer'}: a layer with replica slots "
-            "(redundant_slots > 0) has no state dict yet (its slots are not in logical-expert "
-            "form); build it with redundant_slots=0 to save or load (issue 27)")
+            f"{prefix.rstrip('.') or 'the layer'}: a layer with replica slots or a planned "
+            "placement has no state dict yet (its slots are not in logical-expert form); "
+            "place it back with layer.place(static_placement(E, W)) and redundant_slots=0 "
+            "to save or load (issue 27)")
 
 
 def save_expert_range(layer: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
