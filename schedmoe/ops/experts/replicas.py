@@ -80,18 +80,27 @@ def move_slots(experts: nn.Module, old: Slots, new: Slots, num_experts: int, gro
 @torch.no_grad()
 def sum_replica_grads(experts: nn.Module, slots: Slots, num_experts: int,
                       group: EPGroup) -> None:
-    """Each slot's gradient := the sum over every replica of its logical expert."""
-    mine = torch.tensor(slots[group.rank])
+    """Each replica's gradient := the sum over every replica of its logical expert (one
+    all-reduce per parameter, of the replicated experts' rows only; a slot whose expert has no
+    other replica already holds its whole gradient)."""
+    held = [sum(e in row for row in slots) for e in range(num_experts)]
+    shared = [e for e in range(num_experts) if held[e] > 1]
+    if not shared:
+        return
+    row_of = {e: i for i, e in enumerate(shared)}
+    mine = [(s, row_of[e]) for s, e in enumerate(slots[group.rank]) if e in row_of]
     for param in experts.parameters():
         if param.grad is None:
             continue
         grad = param.grad
-        index = mine.to(grad.device)
-        total = grad.new_zeros((num_experts, *grad.shape[1:])).index_add_(0, index, grad)
+        local = torch.tensor([s for s, _ in mine], dtype=torch.long, device=grad.device)
+        rows = torch.tensor([r for _, r in mine], dtype=torch.long, device=grad.device)
+        total = grad.new_zeros((len(shared), *grad.shape[1:]))
+        total.index_add_(0, rows, grad.index_select(0, local))
         if group.distributed:
             device = collective_device(group.pg) if grad.device.type == "cpu" else grad.device
             total = total.to(device)
             with collective("the replicas' gradient sum", group):
                 dist.all_reduce(total, group=group.pg)
             total = total.to(grad.device)
-        grad.copy_(total[index])
+        grad.index_copy_(0, local, total.index_select(0, rows))
