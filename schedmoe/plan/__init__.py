@@ -10,8 +10,8 @@ out.
   the layout instead of branching on it.
 - `placement.py`: which logical expert each physical slot of each rank holds, and the
   EPLB-style planner that balances the ranks under skewed routing (replicas, node-first
-  packing, moves in the objective). Used by the simulator so far; the layer still holds the
-  static placement (issue 27).
+  packing, moves in the objective), and the mapping of a call's pairs onto physical slots
+  (`PhysicalPairs`).
 
 Data plane. May import: `errors`, `comm/` (index tensors sent without a sync).
 """
