@@ -238,7 +238,8 @@ class MoELayer(nn.Module):
     def runtime_state(self) -> dict:
         """What this rank's layer carries from call to call beyond its state dict: the
         scheduler's tuning, error-feedback residuals, the router's choice counts since its last
-        balancing update, the expert load's moving average. Checkpoints keep it per rank and restore it at the same layout."""
+        balancing update, the expert load's moving average. Checkpoints keep it per rank and
+        restore it at the same layout."""
         counts = {name: buffer.clone() for name, buffer in self.gate.named_buffers(recurse=False)
                   if name in self.gate._non_persistent_buffers_set}
         load = self.load.read(lanes_for(next(self.parameters()).device))
@@ -298,10 +299,13 @@ class MoELayer(nn.Module):
         optimizer's state shaped like them (AdamW's moments), one all-gather per tensor. A
         collective: every rank of the EP group calls it, with the same placement, between
         steps."""
-        p = placement
+        p, num_experts = placement, self.config.num_experts
         if (not isinstance(p, Placement) or p.ranks != self.group.size
-                or p.slots_per_rank != self.slots or p.num_experts != self.config.num_experts
-                or (p.replicas() == 0).any() or any(len(set(row)) != len(row) for row in p.slots)):
+                or p.num_experts != num_experts
+                or any(len(row) != self.slots or len(set(row)) != len(row)
+                       or not all(isinstance(e, int) and 0 <= e < num_experts for e in row)
+                       for row in p.slots)
+                or (p.replicas() == 0).any()):
             raise ConfigError(f"a placement for this layer holds every one of its "
                               f"{self.config.num_experts} experts in {self.group.size} ranks x "
                               f"{self.slots} slots, none twice on a rank; got {p!r}")

@@ -133,7 +133,8 @@ def _misuse(rank: int, world: int) -> list[str]:
     said = []
     layer = schedmoe.MoELayer(M, E, H, redundant_slots=1)
     for bad in (Placement(((0, 1, 2, 3, 4),) * 2, E),  # experts 5-7 held nowhere
-                Placement(((0, 1, 2, 3),) * 2, E)):  # too few slots
+                Placement(((0, 1, 2, 3),) * 2, E),  # too few slots
+                Placement(((0, 1, 2, 3, 9), (4, 5, 6, 7, 0)), E)):  # no expert 9
         try:
             layer.place(bad)
         except ConfigError as exc:
@@ -146,7 +147,7 @@ def _misuse(rank: int, world: int) -> list[str]:
 
 
 def test_misuse_is_refused_on_every_rank():
-    assert run_ranks(_misuse, 2) == [["placement", "placement", "state dict"]] * 2
+    assert run_ranks(_misuse, 2) == [["placement"] * 3 + ["state dict"]] * 2
     with pytest.raises(ConfigError, match="redundant_slots"):
         schedmoe.MoELayer(M, E, H, redundant_slots=1)  # one rank: nowhere to replicate
 
