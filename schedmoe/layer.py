@@ -102,6 +102,7 @@ class MoELayer(nn.Module):
         self.slots = self.num_local_experts + cfg.redundant_slots
         self.placement = initial_placement(cfg.num_experts, self.group.size,
                                            cfg.redundant_slots)
+        self._static = static_placement(cfg.num_experts, self.group.size)
         self._physical: dict[torch.device, PhysicalPairs] = {}
         with torch.random.fork_rng(devices=gpus):  # every RNG the experts may draw from
             torch.manual_seed(expert_seed)
@@ -318,8 +319,7 @@ class MoELayer(nn.Module):
     def placed(self) -> bool:
         """Whether the experts sit elsewhere than the static E / W a rank (replica slots, or
         a planned placement): calls then map pairs onto physical slots."""
-        return self.config.redundant_slots > 0 or self.placement != static_placement(
-            self.config.num_experts, self.group.size)
+        return self.config.redundant_slots > 0 or self.placement != self._static
 
     def sync_replica_grads(self) -> None:
         """Sum each expert's gradient over its replicas (after the backward passes, before the

@@ -6,10 +6,11 @@ Legend: E experts (global), W ranks of the EP group.
 Each layer keeps `ExpertLoad`: an exponential moving average, call by call, of the pairs its
 rank routed to each global expert and of those dropped, as device tensors updated without a
 host sync (on the `stats` lane, which every call shares, so that micro-batches on streams of
-their own update it in turn; readers join that lane). The ranks' averages summed (over the EP group and its data-parallel replicas: every
-rank routes only its own tokens) give each expert's load; `LoadStats` reads it against the
-placement (rank w holds experts [w E / W, (w + 1) E / W)): tokens per rank and balancedness,
-mean / max tokens per rank (1.0: perfectly even).
+their own update it in turn; readers join that lane). The ranks' averages summed (over the EP
+group and its data-parallel replicas: every rank routes only its own tokens) give each
+expert's load; `LoadStats` reads it against the layer's placement (static: rank w holds
+experts [w E / W, (w + 1) E / W); a replica gets its expert's pairs over its replicas): tokens
+per rank and balancedness, mean / max tokens per rank (1.0: perfectly even).
 """
 
 from __future__ import annotations

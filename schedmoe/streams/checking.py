@@ -64,7 +64,6 @@ class CheckingLanes(TorchDispatchMode):
         self._exchanges = itertools.count()
         self.errors: list[str] = []
         self.ops: dict[str, int] = {}  # lane -> ops run there (tests check lanes were used)
-        self.waits = 0
 
     # -- the Backend protocol (lanes.py) -------------------------------------------------------
 
@@ -91,7 +90,6 @@ class CheckingLanes(TorchDispatchMode):
             clock = self._clock(lane)
             for other, tick in event.items():
                 clock[other] = max(clock.get(other, 0), tick)
-            self.waits += 1
 
     def keep(self, t: torch.Tensor, lane: str) -> None:
         with self._lock:

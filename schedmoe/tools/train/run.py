@@ -174,10 +174,10 @@ def train_rank(rank: int, world: int, cfg: TrainConfig, checkpoint_dir: str | No
         dropped = sum(layer.last_stats.dropped_E.sum() for layer in layers)
         # Logging: one all-reduce and one host sync per step. The experts' load (a moving
         # average per layer, control/load.py) summed over every rank is the whole load.
+        lanes = lanes_for(device)  # the load's average is updated on its stats lane
         stats = torch.cat([torch.stack([ce.detach().float(), aux.detach().float(),
                                         dropped.float()]),
-                           *[layer.load.read(lanes_for(device)).reshape(-1)
-                             for layer in layers]])
+                           *[layer.load.read(lanes).reshape(-1) for layer in layers]])
         dist.all_reduce(stats)
         values = stats.tolist()
         loads = read_loads(values[3:], layers)
