@@ -4,7 +4,9 @@ a planned one with a replica slot a rank, side by side (issue 27).
     python3 experiments/placement_bench.py            # ~4 minutes on 2 cores
 
 Routing is skewed by a gate bias on Zipf-like scores, scaled until the static placement's
-busiest rank gets 1.5x (and 2.0x) the mean pairs; a balanced run (no bias) shows the overhead.
+busiest rank gets 1.5x (and 2.0x) the mean pairs; a balanced run (no bias) shows the overhead;
+"hot 1.5" biases one expert alone (to 1.5x on its rank), which on 4 ranks takes more pairs
+than a rank's fair share: only a replica can even that out.
 Layouts: 2 ranks each pinned to a core of its own with one thread (the emulated 2 x 1 layout
 without its network), and 4 loopback ranks sharing the 2 cores. Each rank runs the three
 layers (same weights) in turn, `steps` forward + backward steps each, `reps` rounds,
@@ -52,10 +54,16 @@ def _skew(bias: torch.Tensor, x: torch.Tensor) -> float:
     return 1.0 / schedmoe.parallel.expert_load(torch.nn.Sequential(layer))["0"].balancedness
 
 
-def _bias_for(target: float, x: torch.Tensor) -> torch.Tensor:
-    """A Zipf-like bias scaled (bisection) until the static skew is `target`."""
-    shape = torch.log(1.0 / torch.arange(1, E + 1, dtype=torch.float32))
-    shape = shape[torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])]  # hot experts on rank 0 first
+def _bias_for(skew: str, x: torch.Tensor) -> torch.Tensor:
+    """A bias scaled (bisection) until the static skew is `skew`'s number: Zipf-like, or on
+    one expert ("hot ...")."""
+    if skew.startswith("hot"):
+        shape = torch.zeros(E)
+        shape[0] = 1.0
+    else:
+        shape = torch.log(1.0 / torch.arange(1, E + 1, dtype=torch.float32))
+        shape = shape[torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])]  # hot experts on rank 0 first
+    target = float(skew.split()[-1])
     lo, hi = 0.0, 12.0
     for _ in range(16):
         mid = (lo + hi) / 2
@@ -74,7 +82,7 @@ def _step_s(layer: schedmoe.MoELayer, x: torch.Tensor) -> float:
     return float(took)
 
 
-def bench_rank(rank: int, world: int, pinned: bool, skews: list[float], steps: int,
+def bench_rank(rank: int, world: int, pinned: bool, skews: list[str], steps: int,
                reps: int) -> dict:
     if pinned:
         os.sched_setaffinity(0, {rank % os.cpu_count()})
@@ -82,7 +90,7 @@ def bench_rank(rank: int, world: int, pinned: bool, skews: list[float], steps: i
     x = torch.randn(T, M, generator=torch.Generator().manual_seed(rank))
     found = {}
     for target in skews:
-        bias = _bias_for(target, x) if target > 1.0 else torch.zeros(E)
+        bias = _bias_for(target, x) if target != "1.0" else torch.zeros(E)
         layers = {name: _layer(r, bias) for name, r in VARIANTS.items()}
         balance, moves_ms = {}, {}
         for name, layer in layers.items():
@@ -104,7 +112,7 @@ def bench_rank(rank: int, world: int, pinned: bool, skews: list[float], steps: i
         for _ in range(reps):
             for name, layer in layers.items():
                 times[name].append(statistics.median(_step_s(layer, x) for _ in range(steps)))
-        found[str(target)] = {
+        found[target] = {
             "static_skew": 1.0 / balance["static"]["before"], "balancedness": balance,
             "replace_ms": moves_ms, "step_ms": {n: 1e3 * statistics.median(t)
                                                 for n, t in times.items()},
@@ -117,7 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
-    skews = [1.0, 1.5, 2.0]
+    skews = ["1.0", "1.5", "2.0", "hot 1.5"]
     results = {}
     for label, world, pinned in (("2 ranks pinned", 2, True), ("4 loopback ranks", 4, False)):
         results[label] = run_ranks(bench_rank, world, pinned, skews, args.steps, args.reps,
@@ -141,7 +149,7 @@ def plot(results: dict, path: Path) -> None:
         for i, name in enumerate(VARIANTS):
             ax.bar(np.arange(len(skews)) + 0.27 * (i - 1),
                    [by_skew[s]["step_ms"][name] for s in skews], 0.27, label=name)
-        ax.set_xticks(range(len(skews)), [f"static max/mean {float(s):.1f}" for s in skews])
+        ax.set_xticks(range(len(skews)), [f"static max/mean {s}" for s in skews])
         ax.set_ylabel("step ms (fwd + bwd, slowest rank)")
         ax.set_title(label)
         ax.legend()

@@ -25,6 +25,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .a2a_algos.base import A2AAlgorithm
 from .comm.groups import EPGroup, collective_device
@@ -46,7 +47,8 @@ from .ops.experts.ranges import load_expert_range, save_expert_range
 from .ops.experts.shared import SharedExperts
 from .ops.experts.replicas import fill_slots, move_slots, sum_replica_grads
 from .plan.layout import layout_for
-from .plan.placement import Placement, PhysicalPairs, initial_placement, static_placement
+from .plan.placement import (EMPTY, Placement, PhysicalPairs, initial_placement,
+                             static_placement)
 from .plan.plans import DispatchPlan
 from .registry import registry
 from .routing.balance import balance_loss
@@ -303,13 +305,18 @@ class MoELayer(nn.Module):
         p, num_experts = placement, self.config.num_experts
         if (not isinstance(p, Placement) or p.ranks != self.group.size
                 or p.num_experts != num_experts
-                or any(len(row) != self.slots or len(set(row)) != len(row)
-                       or not all(isinstance(e, int) and 0 <= e < num_experts for e in row)
+                or any(len(row) != self.slots or _twice(row)
+                       or not all(isinstance(e, int) and EMPTY <= e < num_experts for e in row)
                        for row in p.slots)
                 or (p.replicas() == 0).any()):
             raise ConfigError(f"a placement for this layer holds every one of its "
                               f"{self.config.num_experts} experts in {self.group.size} ranks x "
-                              f"{self.slots} slots, none twice on a rank; got {p!r}")
+                              f"{self.slots} slots ({EMPTY}: empty), none twice on a rank; "
+                              f"got {p!r}")
+        if any(isinstance(t, DTensor) for t in self.experts.parameters()):
+            raise ConfigError("the experts are sharded by FSDP2 (fully_shard_moe), which cannot "
+                              "place them; use the DDP recipe (data_parallel) with placements "
+                              "and replica slots")
         move_slots(self.experts, self.placement.slots, p.slots, self.config.num_experts,
                    self.group, optimizer)
         self.placement, self._physical = p, {}
@@ -478,3 +485,9 @@ class MoELayer(nn.Module):
                 f"({self.num_local_experts} local), hidden_dim={c.hidden_dim}, top_k={c.top_k}, "
                 f"capacity_factor={c.capacity_factor}, a2a={canonical(type(self.a2a), 'a2a')}, "
                 f"compressor={self.codecs.describe()}, scheduler={self.scheduler.describe()}")
+
+
+def _twice(row: tuple[int, ...]) -> bool:
+    """Whether a rank's slots hold an expert twice (empty slots aside)."""
+    held = [e for e in row if e != EMPTY]
+    return len(set(held)) != len(held)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from schedmoe.errors import ConfigError
-from schedmoe.plan.placement import (Placement, pack, plan_placement, replicate,
-                                     static_placement)
+from schedmoe.plan.placement import (EMPTY, Placement, initial_placement, pack,
+                                     plan_placement, replicate, static_placement)
 
 
 def zipf(num_experts: int, s: float, seed: int = 0) -> np.ndarray:
@@ -88,6 +88,30 @@ def test_moves_decide_between_plans():
     assert cheap.placement.balancedness(load) > static_placement(16, 4).balancedness(load)
     balanced = plan_placement(np.full(16, 10.0), 4, seconds_per_move=1e-9)
     assert balanced.reason.startswith("stay")  # nothing to gain
+
+
+def test_replica_slots_stay_empty_unless_a_replica_pays_for_its_gradient_sum():
+    """Each replicated expert costs `seconds_per_replica` a step: under balanced routing the
+    replica slots are left empty (no gradient sum, no moves); with one expert hotter than a
+    rank's fair share, a replica of it pays and is made."""
+    ranks, redundant, pair, replica = 4, 1, 1e-6, 150e-6
+    start = initial_placement(16, ranks, redundant)  # a replica slot a rank, filled
+    even = plan_placement(np.full(16, 100.0), ranks, redundant, current=start,
+                          seconds_per_pair=pair, seconds_per_replica=replica)
+    assert even.placement.replicated() == 0 and start.moves(even.placement) == 0
+    assert all(row[-1] == EMPTY for row in even.placement.slots), even.placement
+    assert even.placement.balancedness(np.full(16, 100.0)) == 1.0
+    hot = np.full(16, 100.0)
+    hot[5] = 1600.0  # 4x a rank's fair share (4 experts a rank)
+    skewed = plan_placement(hot, ranks, redundant, current=even.placement,
+                            seconds_per_pair=pair, seconds_per_replica=replica)
+    assert skewed.placement.replicas()[5] >= 2, skewed
+    assert skewed.placement.balancedness(hot) > 0.9
+    free = plan_placement(hot, ranks, redundant, seconds_per_pair=pair, seconds_per_replica=1.0)
+    assert free.placement.replicated() == 0  # replicas dearer than any gain: none made
+    empty = Placement(((0, 1, 2, 3, EMPTY),) + tuple(
+        tuple(range(4 * w, 4 * w + 4)) + (EMPTY,) for w in range(1, 4)), 16)
+    assert empty.rank_loads(hot).tolist() == [400.0, 1900.0, 400.0, 400.0]
 
 
 def test_kept_plan_moves_fewer_experts():

@@ -72,7 +72,8 @@ class LoadStats:
             n = len(self.tokens) // self.ranks
             return [sum(self.tokens[w * n:(w + 1) * n]) for w in range(self.ranks)]
         held = [sum(e in row for row in self.slots) for e in range(len(self.tokens))]
-        return [sum(self.tokens[e] / held[e] for e in row) for row in self.slots]
+        return [sum(self.tokens[e] / held[e] for e in row if e >= 0)  # (-1: an empty slot)
+                for row in self.slots]
 
     @property
     def balancedness(self) -> float:

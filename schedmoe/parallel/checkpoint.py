@@ -8,7 +8,11 @@ buffer of a layer's experts, and each optimizer state of its rows) as a DTensor 
 shape [E, ...] split by EP rank: `(Shard(0), Replicate())` on the layout's ("ep", "edp") mesh
 under the DDP recipe, `(Shard(0), Shard(0))` under FSDP2's (whose shards are already split over
 EDP). DCP stores each expert once, at its global index, and a load at another EP size or world
-size reads each rank's new rows: it reshards. Dense tensors as they are (replicated ones written
+size reads each rank's new rows: it reshards. A placed layer (replica slots, a planned
+placement) is stored in the same logical form: its slots are gathered back into expert order
+on save and each rank's slots filled from the logical rows on load (`ExpertTensor.logical`,
+`physical`), so a checkpoint loads under any placement, EP size or number of replica slots;
+the loading model keeps its own placement. Dense tensors as they are (replicated ones written
 once; FSDP2's shards are DTensors already). Keys are canonical FQNs, so a model saved under
 wrappers (activation checkpointing, torch.compile, DDP, FSDP2) loads into the bare model and
 back. Each rank's RNG states are stored too (`rng.<rank>`), for exact resumes.
@@ -53,7 +57,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..comm.groups import EPGroup
 from ..errors import CheckpointError
-from ..ops.experts.ranges import KEY
+from ..ops.experts.ranges import KEY, KEYS
 from .identity import ExpertMap, ExpertTensor, canonical_name
 from .mesh import ParallelLayout, check_layers, local_part
 
@@ -109,6 +113,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     manifest = verify_checkpoint(path)
     experts = ExpertMap(model)
     state, targets, expert_keys = _state(model, optimizer, layout, experts)
+    owners = _owners(experts, targets)
     saved = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
     if optimizer is not None and not strict and not any(k.startswith("optim.") for k in saved):
         optimizer = None  # saved without one: load the model only
@@ -126,7 +131,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     with torch.no_grad():
         for key, target in targets.items():
             if key in fresh:
-                local_part(target).copy_(local_part(fresh[key]))
+                value = local_part(fresh[key])
+                if key in owners:  # logical rows -> this rank's slots (a collective)
+                    value = owners[key].physical(value)
+                local_part(target).copy_(value)
     if optimizer is not None:
         optim_state = {"state": {}, "param_groups": fresh["optim.param_groups"]}
         for key, value in fresh.items():
@@ -195,7 +203,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Pa
             targets[key] = value
             value = value.detach()
             if expert is not None:
-                value = _global(value, expert, layout, key)
+                value = _global(expert.logical(value), expert, layout, key)
                 expert_keys.add(key)
         state[key] = value
     if optimizer is not None:
@@ -207,7 +215,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Pa
                 if isinstance(value, torch.Tensor):
                     targets[key] = value
                     if expert is not None and value.dim():
-                        value = _global(value, expert, layout, key)
+                        value = _global(expert.logical(value), expert, layout, key)
                         expert_keys.add(key)
                 state[key] = value
         state["optim.param_groups"] = optim["param_groups"]
@@ -221,13 +229,28 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Pa
     return state, targets, expert_keys
 
 
+def _owners(experts: ExpertMap, targets: dict) -> dict[str, ExpertTensor]:
+    """The expert tensor behind each key of `targets` that is an expert tensor or its
+    optimizer state (whose rows a load maps back from logical form), in the same order on
+    every rank."""
+    owners = {}
+    for key, target in targets.items():
+        if key.startswith("model.") and target in experts:
+            owners[key] = experts.get(target)
+        elif key.startswith("optim.state.") and target.dim():
+            fqn = key[len("optim.state."):].rsplit(".", 1)[0]
+            if fqn in experts.by_fqn:
+                owners[key] = experts.by_fqn[fqn]
+    return owners
+
+
 def model_entries(model: nn.Module, experts: ExpertMap
                   ) -> list[tuple[str, object, ExpertTensor | None]]:
     """(canonical FQN, value, expert or None) of every entry of the model's state dict, its
     tensors the model's own objects; the plain state dict's `expert_range` records left out.
     Raises CheckpointError for an expert tensor it cannot account for."""
     entries, seen, names = [], set(), set()
-    ranges = {f"{name}.{KEY}" if name else KEY for name in experts.layers}
+    ranges = {f"{name}.{key}" if name else key for name in experts.layers for key in KEYS}
     for key, value in model.state_dict(keep_vars=True).items():
         fqn = canonical_name(model, key)
         if fqn in ranges:
@@ -479,7 +502,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(value, torch.Tensor):
             value = value.detach()
             if expert is not None:
-                value = gather_experts(value, expert.layer.group)
+                value = gather_experts(expert.logical(value), expert.layer.group)
             elif isinstance(value, DTensor):
                 value = value.full_tensor()
         out[fqn] = value

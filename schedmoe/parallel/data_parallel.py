@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..errors import ConfigError
 from ..ops.experts.forms import mark_expert_parameters
 from ..schedulers import SequentialScheduler
-from .identity import ExpertMap
+from .identity import ExpertMap, ExpertTensor
 from .mesh import ParallelLayout, check_layers, local_part
 
 
@@ -135,6 +135,12 @@ def fully_shard_moe(model: nn.Module, layout: ParallelLayout, **fsdp_options) ->
                 f"{layer.scheduler.describe()}; use data_parallel (the DDP recipe) with "
                 "pipelined or adaptive schedules")
     for layer in layers:
+        if layer.placed:
+            raise ConfigError(
+                "the FSDP2 recipe shards each layer's expert rows over its EDP group and cannot "
+                "place them: this layer has replica slots or a planned placement; use "
+                "data_parallel (the DDP recipe), or redundant_slots=0 and the static placement")
+    for layer in layers:
         fully_shard(layer.experts, mesh=layout.mesh["edp"], **fsdp_options)
         register_fsdp_forward_method(layer.experts, "forward_ragged")  # ragged calls use it
         layer.experts.set_gradient_divide_factor(float(layout.world_size))
@@ -151,12 +157,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
                     norm_type: float = 2.0) -> torch.Tensor:
     """Clip every gradient of `model` (DDP or FSDP2 recipe) by the global norm, counting every
     parameter element once: a replicated gradient (dense under DDP, an expert across its EDP
-    group) only on the first rank that holds it, a sharded one (FSDP2) on each shard's rank.
+    group) only on the first rank that holds it, a sharded one (FSDP2) on each shard's rank, a
+    replicated expert (replica slots; after `sync_replica_grads`) in its first slot only.
     Returns the total norm (the same on every rank), like torch.nn.utils.clip_grad_norm_."""
     experts = ExpertMap(model)
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
-    owned = [local_part(p.grad) for p in params if _first_holder(p in experts, p.grad, layout)]
+    owned = [_each_expert_once(local_part(p.grad), experts.get(p)) for p in params
+             if _first_holder(p in experts, p.grad, layout)]
     device = grads[0].device if grads else torch.device("cpu")
     if norm_type == math.inf:
         total = torch.stack([g.abs().max().float() for g in owned if g.numel()] or
@@ -171,6 +179,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, layout: ParallelLayout,
     for g in grads:
         local_part(g).mul_(coef.to(g.dtype))
     return total
+
+
+def _each_expert_once(g: torch.Tensor, expert: ExpertTensor | None) -> torch.Tensor:
+    """An expert gradient's rows without the second and later replicas of an expert."""
+    if expert is None or not expert.layer.config.redundant_slots:
+        return g
+    return g[expert.first_copies()]
 
 
 def _first_holder(expert: bool, g: torch.Tensor, layout: ParallelLayout) -> bool:

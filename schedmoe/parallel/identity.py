@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..layer import MoELayer
+from ..ops.experts.replicas import first_copies, to_logical, to_slots
 
 
 # Wrapper modules that add a name segment their state dicts leave out: (module that defines the
@@ -101,6 +102,25 @@ class ExpertTensor:
     @property
     def offset(self) -> int:
         return self.layer.expert_offset
+
+    def logical(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` (this tensor, or optimizer state shaped like it) as this rank's logical rows
+        [E / EP, ...]: itself, or for a placed layer (replica slots, a planned placement) its
+        slots gathered back into expert order (a collective over the EP group)."""
+        layer = self.layer
+        if not layer.placed:
+            return value
+        return to_logical(value, layer.placement.slots, self.num_experts, layer.group)
+
+    def first_copies(self) -> list[int]:
+        """This rank's rows that hold the first copy of their expert (each expert once)."""
+        return first_copies(self.layer.placement.slots, self.layer.group.rank)
+
+    def physical(self, rows: torch.Tensor) -> torch.Tensor:
+        """The inverse of `logical`: this rank's rows of the tensor from every rank's logical
+        rows (a collective for a placed layer)."""
+        layer = self.layer
+        return to_slots(rows, layer.placement.slots, layer.group) if layer.placed else rows
 
 
 class ExpertMap:

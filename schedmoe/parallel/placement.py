@@ -20,6 +20,12 @@ from torch import nn
 from ..plan.placement import PlanChoice, plan_placement
 from .mesh import expert_load, named_moe_layers
 
+# A replicated expert's gradient sum (about twice its weights over the wire) in pairs' compute
+# (6 flops a weight): both scale with the expert's size, so the ratio is the machine's. 150
+# was measured on 2 CPU ranks over gloo (experiments/placement_bench.py: a replica slot a rank
+# cost 7% of a balanced step); NVLink GPUs have a lower ratio, inter-node links a higher one.
+REPLICA_PAIRS = 150.0
+
 
 def sync_replica_grads(model: nn.Module) -> None:
     """Every MoE layer's expert gradients summed over their replicas (layer.sync_replica_grads):
@@ -30,13 +36,17 @@ def sync_replica_grads(model: nn.Module) -> None:
 
 def rebalance(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
               node_size: int | None = None, seconds_per_pair: float = 1e-6,
-              seconds_per_move: float = 0.0, steps_between: int = 100
-              ) -> dict[str, PlanChoice]:
+              seconds_per_move: float = 0.0, steps_between: int = 100,
+              seconds_per_replica: float | None = None) -> dict[str, PlanChoice]:
     """Plan each called MoE layer's placement from its load over the recent calls (summed over
     every rank, `expert_load`) and move its experts, weights and `optimizer`'s moments, where
     the plan's predicted gain beats the cost of moving (`seconds_per_move` each expert moved,
-    amortised over `steps_between` steps). Returns each layer's choice (the reason, and every
-    candidate's prediction)."""
+    amortised over `steps_between` steps). A replicated expert costs `seconds_per_replica` a
+    step (its gradient sum), by default REPLICA_PAIRS pairs' time: so replica slots stay empty
+    unless a replica takes more than that off the slowest rank. Returns each layer's choice
+    (the reason, and every candidate's prediction)."""
+    if seconds_per_replica is None:
+        seconds_per_replica = REPLICA_PAIRS * seconds_per_pair
     loads = expert_load(model)
     choices = {}
     for name, layer in named_moe_layers(model):
@@ -45,7 +55,8 @@ def rebalance(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, 
         choice = plan_placement(np.asarray(loads[name].tokens), layer.group.size,
                                 layer.config.redundant_slots, current=layer.placement,
                                 node_size=node_size, seconds_per_pair=seconds_per_pair,
-                                seconds_per_move=seconds_per_move, steps_between=steps_between)
+                                seconds_per_move=seconds_per_move, steps_between=steps_between,
+                                seconds_per_replica=seconds_per_replica)
         if choice.placement != layer.placement:
             layer.place(choice.placement, optimizer)
         choices[name] = choice

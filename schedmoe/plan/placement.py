@@ -3,7 +3,8 @@ planner that balances the ranks under skewed routing (DeepSeek's EPLB, chosen on
 SmartMoE does).
 
 Legend: E logical experts, W ranks, S = E / W + R physical slots per rank (R redundant),
-l_E the load (pairs per step) of each logical expert.
+l_E the load (pairs per step) of each logical expert. A slot may stay empty (EMPTY): R is
+the most replicas a rank may hold, not a number it must.
 
 A replica of expert e gets l_e / r_e of its load (its pairs are split evenly across its r_e
 replicas); a rank's load is the sum over its slots. The planner (`plan_placement`):
@@ -12,11 +13,13 @@ replicas); a rank's load is the sum over its slots. The planner (`plan_placement
 2. packing: replicas, heaviest first, each onto the least loaded rank with a free slot that
    does not hold that expert yet, preferring a rank on a node that already holds a replica of
    it (its gradient sum then stays inside the node) when that costs no more than the lightest;
-3. choice: the candidates (the current placement, the plan from scratch, the plan that keeps
-   each rank's current experts where it can) are scored by the step time they predict (the
-   slowest rank's load, `seconds_per_pair`) plus the cost of moving the experts that change
-   rank (`seconds_per_move`, amortised over `steps_between`); a new plan is taken only when
-   its predicted gain beats the cost of moving.
+3. choice: the candidates (the current placement; the plan from scratch and the plan that
+   keeps each rank's current experts where it can, each with the replicas and without them,
+   the replica slots left empty; the static placement, its replica slots empty) are scored by the step time they predict (the slowest rank's
+   load, `seconds_per_pair`, plus each replicated expert's gradient sum,
+   `seconds_per_replica`) plus the cost of moving the experts that change rank
+   (`seconds_per_move`, amortised over `steps_between`); a new plan is taken only when its
+   predicted gain beats the cost of moving.
 Pure host-side functions on numpy arrays: every rank computes the same plan from the same
 (all-reduced) load.
 """
@@ -30,6 +33,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+
+EMPTY = -1  # a slot that holds no expert (the same mark as ops/experts/replicas.py's)
 
 
 @dataclass(frozen=True)
@@ -49,12 +54,17 @@ class Placement:
 
     def replicas(self) -> np.ndarray:
         """r_E: how many slots hold each expert."""
-        return np.bincount(np.asarray(self.slots).reshape(-1), minlength=self.num_experts)
+        held = np.asarray(self.slots).reshape(-1)
+        return np.bincount(held[held != EMPTY], minlength=self.num_experts)
+
+    def replicated(self) -> int:
+        """How many experts have more than one replica (each costs a gradient sum a step)."""
+        return int((self.replicas() > 1).sum())
 
     def rank_loads(self, load_E: np.ndarray) -> np.ndarray:
-        """Each rank's load: its slots' shares l_e / r_e."""
+        """Each rank's load: its slots' shares l_e / r_e (an empty slot's: 0, the last)."""
         share_E = np.asarray(load_E, dtype=np.float64) / np.maximum(self.replicas(), 1)
-        return share_E[np.asarray(self.slots)].sum(axis=1)
+        return np.append(share_E, 0.0)[np.asarray(self.slots)].sum(axis=1)
 
     def balancedness(self, load_E: np.ndarray) -> float:
         """mean / max load per rank (1.0: even)."""
@@ -67,7 +77,8 @@ class Placement:
     def moves(self, other: "Placement") -> int:
         """Experts that must be copied to reach `other`: slots of `other` whose expert the
         rank does not hold here."""
-        return sum(len(set(new) - set(old)) for old, new in zip(self.slots, other.slots))
+        return sum(len(set(new) - set(old) - {EMPTY})
+                   for old, new in zip(self.slots, other.slots))
 
 
 def static_placement(num_experts: int, ranks: int) -> Placement:
@@ -101,7 +112,7 @@ def pack(load_E: np.ndarray, replicas_E: np.ndarray, ranks: int, slots: int,
     """Replicas heaviest first onto the least loaded rank with a free slot that lacks the
     expert (node-first: a rank on a node already holding the expert wins a tie within one
     replica's load); with `keep`, each rank first keeps the experts it holds there that the
-    plan still has replicas for."""
+    plan still has replicas for. Slots left over stay EMPTY."""
     load_E = np.asarray(load_E, dtype=np.float64)
     share_E = load_E / replicas_E
     rows: list[list[int]] = [[] for _ in range(ranks)]
@@ -110,7 +121,7 @@ def pack(load_E: np.ndarray, replicas_E: np.ndarray, ranks: int, slots: int,
     if keep is not None:
         for w, held in enumerate(keep.slots):
             for e in held:
-                if left[e] > 0 and len(rows[w]) < slots and e not in rows[w]:
+                if e != EMPTY and left[e] > 0 and len(rows[w]) < slots and e not in rows[w]:
                     rows[w].append(e)
                     rank_load[w] += share_E[e]
                     left[e] -= 1
@@ -127,7 +138,8 @@ def pack(load_E: np.ndarray, replicas_E: np.ndarray, ranks: int, slots: int,
         w = min(near or free, key=lambda r: (rank_load[r], r))
         rows[w].append(e)
         rank_load[w] += share
-    return Placement(tuple(tuple(sorted(row)) for row in rows), int(load_E.size))
+    return Placement(tuple(tuple(sorted(row)) + (EMPTY,) * (slots - len(row)) for row in rows),
+                     int(load_E.size))
 
 
 def _make_room(rows: list[list[int]], rank_load: np.ndarray, share_E: np.ndarray, e: int,
@@ -158,7 +170,7 @@ class PlanChoice:
 def plan_placement(load_E: np.ndarray, ranks: int, redundant: int = 0,
                    current: Placement | None = None, node_size: int | None = None,
                    seconds_per_pair: float = 1e-6, seconds_per_move: float = 0.0,
-                   steps_between: int = 100) -> PlanChoice:
+                   steps_between: int = 100, seconds_per_replica: float = 0.0) -> PlanChoice:
     """The placement for the next `steps_between` steps (module docstring): the candidate with
     the least predicted time per step, moves amortised, kept only if it beats staying."""
     load_E = np.asarray(load_E, dtype=np.float64)
@@ -167,20 +179,30 @@ def plan_placement(load_E: np.ndarray, ranks: int, redundant: int = 0,
                           f" got shape {load_E.shape}")
     current = current or static_placement(load_E.size, ranks)
     slots = load_E.size // ranks + redundant
-    replicas_E = replicate(load_E, ranks, redundant)
     candidates = {"current": current}
-    if current.slots_per_rank == slots:
-        candidates["kept"] = pack(load_E, replicas_E, ranks, slots, node_size, keep=current)
-    candidates["fresh"] = pack(load_E, replicas_E, ranks, slots, node_size)
+    for kind, replicas_E in (("", replicate(load_E, ranks, redundant)),
+                             (", no replicas", np.ones(load_E.size, dtype=np.int64))):
+        if current.slots_per_rank == slots:
+            candidates["kept" + kind] = pack(load_E, replicas_E, ranks, slots, node_size,
+                                             keep=current)
+        candidates["fresh" + kind] = pack(load_E, replicas_E, ranks, slots, node_size)
+        if not redundant:
+            break  # the same plans again
+    if redundant:
+        fixed = static_placement(load_E.size, ranks).slots
+        candidates["static, no replicas"] = Placement(
+            tuple(row + (EMPTY,) * redundant for row in fixed), load_E.size)
     scored = {}
     for name, placement in candidates.items():
-        step = float(placement.rank_loads(load_E).max()) * seconds_per_pair
+        step = float(placement.rank_loads(load_E).max()) * seconds_per_pair + \
+            placement.replicated() * seconds_per_replica
         moves = current.moves(placement) if placement.slots_per_rank == \
             current.slots_per_rank else sum(len(row) for row in placement.slots)
         scored[name] = {"step_s": step, "moves": moves,
                         "per_step_s": step + moves * seconds_per_move / steps_between,
                         "balancedness": placement.balancedness(load_E)}
-    best = min(scored, key=lambda name: (scored[name]["per_step_s"], name != "current"))
+    best = min(scored, key=lambda name: (scored[name]["per_step_s"], name != "current",
+                                         scored[name]["moves"]))
     reason = "stay: no plan's gain beats its moves" if best == "current" else \
         f"{best}: {scored['current']['per_step_s'] / scored[best]['per_step_s']:.2f}x " \
         "predicted, moves included"

@@ -1,12 +1,18 @@
 """Which global experts a rank's state dict holds, so that one rank's file can never load
 silently into another rank's experts.
 
-An EP rank's `MoELayer.state_dict()` holds only its own experts, under the same keys on every
-rank. Each layer adds `<prefix>expert_range` = [first expert, experts held, num_experts] to its
-state dict, and on load checks it: a state dict that holds this rank's experts (its own, or
-every expert, as `schedmoe.parallel.full_state_dict` gathers them) loads, the right rows sliced
-out; any other raises CheckpointError. A state dict without the entry (transformers, older
-files) loads as it is.
+An EP rank's `MoELayer.state_dict()` holds only its own expert rows, under the same keys on
+every rank. Each layer records which logical experts those rows are:
+- `<prefix>expert_range` = [first expert, experts held, num_experts] for the static layout
+  (rank w holds experts [w E / W, (w + 1) E / W));
+- `<prefix>expert_slots` = [num_experts, expert of row 0, expert of row 1, ...] for a placed
+  layer (replica slots or a planned placement, plan/placement.py), whose rows are its slots
+  (-1: an empty slot, loaded as zeros).
+
+On load it checks them: a state dict holding every expert this rank's rows need (its own, every
+expert as `schedmoe.parallel.full_state_dict` gathers them, or another placement's slots that
+happen to cover them) loads, each row taken from the saved row of its expert; any other raises
+CheckpointError. A state dict without either entry (transformers, older files) loads as it is.
 """
 
 from __future__ import annotations
@@ -15,48 +21,62 @@ import torch
 from torch import nn
 
 from ...errors import CheckpointError
+from .replicas import EMPTY
 
 KEY = "expert_range"
+SLOTS_KEY = "expert_slots"
+KEYS = (KEY, SLOTS_KEY)
 
 
-def _refuse_replicas(layer: nn.Module, prefix: str) -> None:
-    if getattr(layer, "placed", False):
-        raise CheckpointError(
-            f"{prefix.rstrip('.') or 'the layer'}: a layer with replica slots or a planned "
-            "placement has no state dict yet (its slots are not in logical-expert form); "
-            "place it back with layer.place(static_placement(E, W)) and redundant_slots=0 "
-            "to save or load (issue 27)")
+def _rows(layer: nn.Module) -> list[int]:
+    """The logical expert of each of the layer's expert rows."""
+    return list(layer.placement.slots[layer.group.rank])
 
 
 def save_expert_range(layer: nn.Module, state_dict: dict, prefix: str, _metadata) -> None:
     """`state_dict` post-hook of MoELayer."""
-    _refuse_replicas(layer, prefix)
-    state_dict[prefix + KEY] = torch.tensor(
-        [layer.expert_offset, layer.num_local_experts, layer.config.num_experts])
+    total = layer.config.num_experts
+    if layer.placed:
+        state_dict[prefix + SLOTS_KEY] = torch.tensor([total, *_rows(layer)])
+    else:
+        state_dict[prefix + KEY] = torch.tensor(
+            [layer.expert_offset, layer.num_local_experts, total])
 
 
 def load_expert_range(layer: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
-    """`load_state_dict` pre-hook of MoELayer: check the saved range, slice a wider one."""
-    _refuse_replicas(layer, prefix)
-    saved = state_dict.pop(prefix + KEY, None)
-    if saved is None:
+    """`load_state_dict` pre-hook of MoELayer: check the saved rows' experts, and take each of
+    this layer's rows from the saved row of its expert."""
+    by_range = state_dict.pop(prefix + KEY, None)
+    by_slots = state_dict.pop(prefix + SLOTS_KEY, None)
+    if by_slots is not None:
+        total, *held = (int(v) for v in by_slots.tolist())
+        what = f"slots holding experts {held}"
+    elif by_range is not None:
+        first, count, total = (int(v) for v in by_range.tolist())
+        held = list(range(first, first + count))
+        what = f"experts [{first}, {first + count}) of {total}"
+    else:
         return
-    first, count, total = (int(v) for v in saved.tolist())
-    mine, held = layer.expert_offset, layer.num_local_experts
     where = prefix.rstrip(".") or "the layer"
     if total != layer.config.num_experts:
         raise CheckpointError(
             f"{where}: the state dict is of a layer with {total} experts, this one has "
             f"{layer.config.num_experts}; num_experts must match the checkpoint")
-    if not first <= mine <= mine + held <= first + count:
+    need = _rows(layer)
+    if held == need:
+        return
+    missing = sorted(set(need) - set(held) - {EMPTY})
+    if missing:
         raise CheckpointError(
-            f"{where}: the state dict holds experts [{first}, {first + count}) of {total} (one "
-            f"rank's share), this rank needs [{mine}, {mine + held}). Save every expert with "
+            f"{where}: the state dict holds {what} (one rank's share), this rank needs experts "
+            f"{need}, and {missing} are not there. Save every expert with "
             "schedmoe.parallel.full_state_dict(model), or use schedmoe.parallel.save_checkpoint"
             " / load_checkpoint, which reshard")
-    if count == held:
-        return
+    index = torch.tensor([held.index(e) if e != EMPTY else 0 for e in need])
+    empty = torch.tensor([e == EMPTY for e in need])
     for key in [k for k in state_dict if k.startswith(prefix + "experts.")]:
         value = state_dict[key]
-        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == count:
-            state_dict[key] = value[mine - first:mine - first + held]
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == len(held):
+            rows = value[index.to(value.device)]
+            rows[empty.to(value.device)] = 0  # an empty slot holds zeros
+            state_dict[key] = rows

@@ -1,16 +1,21 @@
 """Expert weights in physical slots: every rank's S slots hold logical experts (a placement,
 plan/placement.py), an expert held by several slots (replicas) in identical copies.
 
-Legend: E logical experts, W ranks of the EP group, S physical slots a rank; every expert
-parameter is `[S, ...]` (one row per slot); `slots[w][s]` is the logical expert in slot s of
-rank w.
+Legend: E logical experts, W ranks of the EP group, n = E / W, S physical slots a rank; every
+expert parameter is `[S, ...]` (one row per slot); `slots[w][s]` is the logical expert in slot s
+of rank w, or EMPTY (a slot holding no expert: its rows are zeros and no pair goes there). A rank's "logical rows" are experts [w n, (w + 1) n) in order: the static layout,
+which is the form checkpoints and plain state dicts keep (global expert identity).
 
-- `fill_slots`: the slots from each rank's own logical experts (the static E / W a rank).
-- `move_slots`: to another placement, the parameters and any optimizer state shaped like them
-  (AdamW's moments), in one all-gather per tensor.
+- `to_slots`: this rank's slots from every rank's logical rows (one all-gather).
+- `to_logical`: this rank's logical rows from every rank's slots (one all-gather), each expert
+  read from its first holder.
+- `fill_slots` / `move_slots`: the parameters (and on a move, any optimizer state shaped like
+  them: AdamW's moments) set from the logical rows / carried to another placement.
 - `sum_replica_grads`: each slot's gradient becomes its logical expert's, summed over the
   replicas (one all-reduce per parameter), so replicas take identical optimizer steps and the
   training equals the unreplicated model's.
+- `first_copies`: which of this rank's slots are their expert's first holder (count each
+  expert once: gradient norms).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 from ...comm.groups import EPGroup, collective, collective_device
 
 Slots = tuple[tuple[int, ...], ...]
+EMPTY = -1  # the same mark as plan/placement.py's
 
 
 def _all_gather(t: torch.Tensor, group: EPGroup, what: str) -> torch.Tensor:
@@ -42,20 +48,52 @@ def _first_holders(slots: Slots, num_experts: int) -> torch.Tensor:
     first = [-1] * num_experts
     for w, row in enumerate(slots):
         for s, e in enumerate(row):
-            if first[e] < 0:
+            if e != EMPTY and first[e] < 0:
                 first[e] = w * len(row) + s
     return torch.tensor(first)
 
 
+def _every_expert(t: torch.Tensor, slots: Slots, num_experts: int, group: EPGroup,
+                  what: str) -> torch.Tensor:
+    """[E, ...]: every logical expert's row of the slot tensor `t` [S, ...], from its first
+    holder (a collective)."""
+    every = _all_gather(t, group, what)
+    return every[_first_holders(slots, num_experts).to(every.device)]
+
+
+@torch.no_grad()
+def to_logical(t: torch.Tensor, slots: Slots, num_experts: int,
+               group: EPGroup) -> torch.Tensor:
+    """This rank's logical rows [n, ...] of the slot tensor `t` [S, ...] (a collective)."""
+    n = num_experts // group.size
+    every = _every_expert(t, slots, num_experts, group, "the experts' logical form")
+    return every[group.rank * n:(group.rank + 1) * n].clone()
+
+
+@torch.no_grad()
+def to_slots(rows: torch.Tensor, slots: Slots, group: EPGroup) -> torch.Tensor:
+    """This rank's slots [S, ...] from each rank's logical rows `rows` [n, ...] (a
+    collective)."""
+    every = _all_gather(rows, group, "the replica slots' fill")  # [E, ...] in expert order
+    return _take(every, slots[group.rank])
+
+
+def _take(every: torch.Tensor, row: tuple[int, ...]) -> torch.Tensor:
+    """The rows of `every` [E, ...] for a rank's slots `row`, zeros for an empty slot."""
+    index = torch.tensor([max(e, 0) for e in row], device=every.device)
+    out = every[index]
+    empty = [s for s, e in enumerate(row) if e == EMPTY]
+    if empty:
+        out[torch.tensor(empty, device=out.device)] = 0
+    return out
+
+
 @torch.no_grad()
 def fill_slots(experts: nn.Module, own: nn.Module, slots: Slots, group: EPGroup) -> None:
-    """Set every slot of `experts` from `own`, whose rows are this rank's E / W logical experts
-    in order (rank w: experts [w E / W, (w + 1) E / W))."""
-    mine = torch.tensor(slots[group.rank])
+    """Set every slot of `experts` from `own`, whose rows are this rank's logical rows."""
     sources = dict(own.named_parameters())
     for name, param in experts.named_parameters():
-        logical = _all_gather(sources[name], group, "the replica slots' first fill")
-        param.copy_(logical[mine.to(logical.device)].to(param.dtype))
+        param.copy_(to_slots(sources[name], slots, group).to(param.dtype))
 
 
 @torch.no_grad()
@@ -64,8 +102,6 @@ def move_slots(experts: nn.Module, old: Slots, new: Slots, num_experts: int, gro
     """Re-place: every parameter, and each optimizer state tensor shaped like it, gathered
     from every rank, its logical experts taken from their first holder under `old`, and this
     rank's slots under `new` filled from them."""
-    first = _first_holders(old, num_experts)
-    mine = torch.tensor(new[group.rank])
     for param in experts.parameters():
         tensors = [param]
         if optimizer is not None:
@@ -73,8 +109,14 @@ def move_slots(experts: nn.Module, old: Slots, new: Slots, num_experts: int, gro
             tensors += [v for v in state.values()
                         if isinstance(v, torch.Tensor) and v.shape == param.shape]
         for t in tensors:
-            logical = _all_gather(t, group, "the experts' re-placement")[first.to(t.device)]
-            t.copy_(logical[mine.to(t.device)])
+            every = _every_expert(t, old, num_experts, group, "the experts' re-placement")
+            t.copy_(_take(every, new[group.rank]))
+
+
+def first_copies(slots: Slots, rank: int) -> list[int]:
+    """This rank's slots that hold the first copy of their expert (rank order, then slot)."""
+    seen = {e for row in slots[:rank] for e in row} | {EMPTY}
+    return [s for s, e in enumerate(slots[rank]) if e not in seen]
 
 
 @torch.no_grad()
