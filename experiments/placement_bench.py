@@ -92,7 +92,7 @@ def bench_rank(rank: int, world: int, pinned: bool, skews: list[str], steps: int
     for target in skews:
         bias = _bias_for(target, x) if target != "1.0" else torch.zeros(E)
         layers = {name: _layer(r, bias) for name, r in VARIANTS.items()}
-        balance, moves_ms = {}, {}
+        balance, moves_ms, plans = {}, {}, {}
         for name, layer in layers.items():
             with torch.no_grad():
                 layer(x)  # the load, measured
@@ -101,8 +101,10 @@ def bench_rank(rank: int, world: int, pinned: bool, skews: list[str], steps: int
             if name != "static":
                 dist.barrier()
                 began = time.perf_counter()
-                schedmoe.parallel.rebalance(model)
+                choice = schedmoe.parallel.rebalance(model)["0"]
                 moves_ms[name] = 1e3 * (time.perf_counter() - began)
+                plans[name] = {"reason": choice.reason, "slots": layer.placement.slots,
+                               "replicated_experts": layer.placement.replicated()}
                 layer.load.reset()
                 with torch.no_grad():
                     layer(x)
@@ -114,7 +116,7 @@ def bench_rank(rank: int, world: int, pinned: bool, skews: list[str], steps: int
                 times[name].append(statistics.median(_step_s(layer, x) for _ in range(steps)))
         found[target] = {
             "static_skew": 1.0 / balance["static"]["before"], "balancedness": balance,
-            "replace_ms": moves_ms, "step_ms": {n: 1e3 * statistics.median(t)
+            "replace_ms": moves_ms, "plans": plans, "step_ms": {n: 1e3 * statistics.median(t)
                                                 for n, t in times.items()},
             "rounds_ms": {n: [1e3 * v for v in t] for n, t in times.items()}}
     return found

@@ -180,18 +180,20 @@ def plan_placement(load_E: np.ndarray, ranks: int, redundant: int = 0,
     current = current or static_placement(load_E.size, ranks)
     slots = load_E.size // ranks + redundant
     candidates = {"current": current}
-    for kind, replicas_E in (("", replicate(load_E, ranks, redundant)),
-                             (", no replicas", np.ones(load_E.size, dtype=np.int64))):
+    # Without replicas, E / W experts a rank as without replica slots, the slots left empty
+    # (measured: a rank holding more experts than another is slower than the pairs predict).
+    for kind, replicas_E, held in (("", replicate(load_E, ranks, redundant), slots),
+                                   (", no replicas", np.ones(load_E.size, dtype=np.int64),
+                                    slots - redundant)):
         if current.slots_per_rank == slots:
-            candidates["kept" + kind] = pack(load_E, replicas_E, ranks, slots, node_size,
-                                             keep=current)
-        candidates["fresh" + kind] = pack(load_E, replicas_E, ranks, slots, node_size)
+            candidates["kept" + kind] = _padded(pack(load_E, replicas_E, ranks, held,
+                                                     node_size, keep=current), slots)
+        candidates["fresh" + kind] = _padded(pack(load_E, replicas_E, ranks, held, node_size),
+                                             slots)
         if not redundant:
             break  # the same plans again
     if redundant:
-        fixed = static_placement(load_E.size, ranks).slots
-        candidates["static, no replicas"] = Placement(
-            tuple(row + (EMPTY,) * redundant for row in fixed), load_E.size)
+        candidates["static, no replicas"] = _padded(static_placement(load_E.size, ranks), slots)
     scored = {}
     for name, placement in candidates.items():
         step = float(placement.rank_loads(load_E).max()) * seconds_per_pair + \
@@ -207,6 +209,12 @@ def plan_placement(load_E: np.ndarray, ranks: int, redundant: int = 0,
         f"{best}: {scored['current']['per_step_s'] / scored[best]['per_step_s']:.2f}x " \
         "predicted, moves included"
     return PlanChoice(candidates[best], reason, scored)
+
+
+def _padded(placement: Placement, slots: int) -> Placement:
+    """`placement` with EMPTY slots added up to `slots` a rank."""
+    return Placement(tuple(row + (EMPTY,) * (slots - len(row)) for row in placement.slots),
+                     placement.num_experts)
 
 
 def initial_placement(num_experts: int, ranks: int, redundant: int) -> Placement:

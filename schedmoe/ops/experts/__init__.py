@@ -2,7 +2,7 @@
 `clamped_glu` (GPT-OSS), run batched over the local experts, padded (`forward`) or on ragged
 rows (`forward_ragged`, grouped GEMMs); the shared experts; the state-dict hooks that record
 which global experts a rank holds (`ranges.py`); and the weights of replica slots
-(`replicas.py`: fill, move, gradient sum).
+(`replicas.py`: logical rows <-> slots, fill, move, gradient sum).
 
 Data plane. May import: `errors`, `registry`, `comm`.
 """
