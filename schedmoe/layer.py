@@ -150,6 +150,8 @@ class MoELayer(nn.Module):
         self._last: dict[int | None, tuple[torch.Tensor | None, LayerStats | None]] = {}
         # Pairs per expert over a window of calls (control/load.py; read by parallel.expert_load)
         self.load = ExpertLoad()
+        # Serving calls (`serve`): this rank has no work left and keeps the others going.
+        self._serving, self.all_idle = False, False
         # Which experts this rank's state dict holds (ops/experts/ranges.py).
         self.register_state_dict_post_hook(save_expert_range)
         self.register_load_state_dict_pre_hook(load_expert_range)
@@ -160,11 +162,16 @@ class MoELayer(nn.Module):
         # repeat the decisions of the forward it recomputes, and leaves the stats alone.
         compiling = torch.compiler.is_compiling()  # the host-side bookkeeping stays out
         recompute = not compiling and torch._C._current_graph_task_id() != -1
+        # Inference (inference_mode, or no_grad in eval mode; not a reentrant activation
+        # checkpoint's no_grad forward, which is in training mode): no aux losses, no timing,
+        # no tuning: the agreement and the exchanges only.
+        quiet = not compiling and (torch.is_inference_mode_enabled() or (
+            not torch.is_grad_enabled() and not self.training))
         device = next(self.parameters()).device
-        fresh = [StepRecorder(device, trace=cfg.trace)]  # a retry's timer starts afresh
+        fresh = [StepRecorder(device, trace=cfg.trace, timing=not quiet)]  # a retry's: afresh
 
         def new_timer() -> StepRecorder:
-            return fresh.pop() if fresh else StepRecorder(device, trace=cfg.trace)
+            return fresh.pop() if fresh else StepRecorder(device, cfg.trace, timing=not quiet)
 
         route_timer = fresh[0]
         if cfg.input_jitter and self.training and isinstance(x, torch.Tensor):
@@ -173,7 +180,8 @@ class MoELayer(nn.Module):
 
         def send(agreed: Agreed, rider: Rider | None, running: tuple | None,
                  timer: StepRecorder) -> tuple:
-            return self._exchange(x, local, routed, agreed, timer, recompute, rider, running)
+            return self._exchange(x, local, routed, agreed, timer, recompute, rider, running,
+                                  quiet=quiet)
 
         if compiling and self._traces_whole(local):
             # One graph on several ranks: the record checked by a custom op, the exchanges as
@@ -198,6 +206,7 @@ class MoELayer(nn.Module):
             self._ran_key = self._call_key
         if plan is None:
             raise AssertionError("a rank that sent a placeholder passed the agreement")
+        self.all_idle = agreed.all_idle
 
         num_tokens = plan.kept_TK.shape[0]
         with timer("decode"):
@@ -206,11 +215,14 @@ class MoELayer(nn.Module):
             y_TM = y_TM + ctx.shared.result(timer, ctx.lanes)
         routing = routed.routing
         balance = routing.balance_loss
-        if balance is None:
-            sequences = x.shape[0] if x.dim() == 3 else 1
-            balance = balance_loss(cfg.balance_loss, routing.probs_TE, routing.expert_TK,
-                                   sequences, self.balance_group)
-        aux = balance + cfg.z_loss_weight * routing.z_loss
+        if quiet:  # nothing to train: no loss (a "global" one would all-reduce every call)
+            aux = torch.zeros((), device=y_TM.device)
+        else:
+            if balance is None:
+                sequences = x.shape[0] if x.dim() == 3 else 1
+                balance = balance_loss(cfg.balance_loss, routing.probs_TE, routing.expert_TK,
+                                       sequences, self.balance_group)
+            aux = balance + cfg.z_loss_weight * routing.z_loss
         if not recompute:
             counts_E, dropped_E = plan.counts_E, plan.dropped_E
             if routed.logical_counts_E is not None:  # replica slots: the logical experts'
@@ -293,6 +305,22 @@ class MoELayer(nn.Module):
         options["layer"] = f"MoE layer #{self.layer_index} built on this EP group"
         options["placement"] = repr(self.placement.slots)
         return options
+
+    @torch.no_grad()
+    def serve(self, dtype: torch.dtype | None = None) -> bool:
+        """A call without tokens, marked idle in the agreement record: a rank with no work left
+        makes it so that the ranks still working can exchange (a collective, like any call;
+        the input dtype must be theirs: by default the gate's). Returns whether every rank of
+        the EP group made a serving call too: then all are done (hf/generate.py)."""
+        weight = self.gate.wg_EM
+        x = torch.zeros(0, self.config.model_dim, dtype=dtype or weight.dtype,
+                        device=weight.device)
+        self._serving = True
+        try:
+            self(x)
+        finally:
+            self._serving = False
+        return self.all_idle
 
     # -- placement (plan/placement.py, ops/experts/replicas.py) ------------------------------
 
@@ -401,7 +429,8 @@ class MoELayer(nn.Module):
 
     def _exchange(self, x: torch.Tensor, local: LocalStep, routed: Routed | None,
                   agreed: Agreed, timer: StepRecorder, recompute: bool, rider: Rider | None,
-                  running: tuple | None, after: torch.Tensor | None = None) -> tuple:
+                  running: tuple | None, after: torch.Tensor | None = None,
+                  quiet: bool = False) -> tuple:
         """Plan and encode at the agreed (or guessed) capacity in the call's layout and run the
         scheduler: (plan, layout, y_P, ctx). A rank whose own state does not fit a guess sends
         zeros of the guessed shape: the rider's check then raises on every rank before
@@ -436,7 +465,7 @@ class MoELayer(nn.Module):
         shared = None if self.shared is None or not fits else \
             SharedWork(self.shared, x.reshape(-1, cfg.model_dim))
         ctx = StepContext(self.experts, a2a, codecs, timer, layout, recompute=recompute,
-                          rider=rider, shared=shared, lanes=lanes_for(x_P.device))
+                          rider=rider, shared=shared, lanes=lanes_for(x_P.device), quiet=quiet)
         y_P = scheduler.run(x_P, ctx)
         if rider is not None and not rider.arrived:
             raise ConfigError(f"{scheduler.describe()} sets carries_agreement but sent no "
@@ -449,7 +478,8 @@ class MoELayer(nn.Module):
         problem or a failure is recorded for the agreement, which raises it on every rank."""
         cfg = self.config
         local = check_input(x, device, cfg.model_dim, self.experts, cfg.check_finite,
-                            cfg.allow_empty)
+                            cfg.allow_empty or self._serving)
+        local.idle = self._serving
         try:
             self._refresh()
             # A payload found corrupt on the device since the last call (ops/codecs/checks.py):

@@ -108,6 +108,22 @@ def test_sigmoid_group_limited_with_selection_bias(groups, keep, k, normalize, s
     _close(_as_dicts(router(x)), want)
 
 
+@pytest.mark.parametrize("gate,options", [
+    ("topk", {}), ("topk_softmax", {"bias": True}),
+    ("sigmoid_grouped", {"num_groups": 4, "topk_groups": 2})])
+@pytest.mark.parametrize("shared", [0, 12])
+def test_every_router_takes_an_empty_batch(gate, options, shared):
+    """A rank with no tokens (allow_empty, or a rank serving others: hf/generate.py) routes
+    nothing and returns an empty output, whatever the router (a grouped router once failed to
+    reshape zero tokens)."""
+    layer = schedmoe.MoELayer(M, E, 12, top_k=2, gate=gate, gate_options=options,
+                              allow_empty=True, shared_hidden_dim=shared)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            y = layer(torch.zeros(0, M, requires_grad=grad))
+        assert y.shape == (0, M) and layer.last_stats.processed == 0
+
+
 def test_group_limited_router_rejects_impossible_groups():
     with pytest.raises(schedmoe.ConfigError, match="divide"):
         GroupLimitedSigmoidRouter(M, E, 2, num_groups=3)

@@ -106,15 +106,16 @@ class LocalStep:
     layout: int = 0  # hash of the token -> slot layout (only when error feedback needs it)
     error: BaseException | None = None  # a local failure (problem FAILED)
     counts: list[int] | None = None  # ragged rows: rows this rank sends to each expert
+    idle: bool = False  # a serving call: this rank has no work left, it keeps the others going
 
     def record(self) -> list[int]:
         dtype = dtype_code(getattr(torch, self.dtype)) if self.dtype != "-" else 0
         device = device_code(self.device_type) if self.device_type != "-" else 0
         return [self.problem, dtype, device, int(self.graph), int(self.input_grad),
-                self.limit, self.layout]
+                self.limit, self.layout, int(self.idle)]
 
 
-_COLUMNS = ("problem", "dtype", "device", "graph", "input_grad", "limit", "layout")
+_COLUMNS = ("problem", "dtype", "device", "graph", "input_grad", "limit", "layout", "idle")
 
 
 def check_input(x: object, device: torch.device, model_dim: int, experts: torch.nn.Module,
@@ -151,6 +152,7 @@ class Agreed:
     layouts: tuple[int, ...]  # every rank's layout hash
     dtype: str = "-"  # the input dtype, the same on every rank
     counts_WE: np.ndarray | None = None  # ragged: rows each rank sends to each expert (host)
+    all_idle: bool = False  # every rank made a serving call (hf/generate.py: all are done)
 
     def same_call(self, other: "Agreed | None") -> bool:
         """Whether a call agreeing `other` exchanges the same shapes as this one."""
@@ -312,7 +314,7 @@ class Agreement:
                     + "); every rank must call the layer alike (same dtype and device type, "
                     "all in training with grad enabled or all under no_grad)")
         agreed = Agreed(max(col["limit"]), any(col["input_grad"]), tuple(col["layout"]),
-                        local.dtype)
+                        local.dtype, all_idle=all(col["idle"]))
         if RECONFIGURED in problems:  # every rank changed its options alike
             raise Misguessed(agreed, resync=True)
         if guess is not None and not agreed.same_call(guess):

@@ -33,7 +33,10 @@ class StepRecorder:
     the step; schedulers that overlap ops should time whole phases instead.
     """
 
-    def __init__(self, device: torch.device | None = None, trace: bool = False) -> None:
+    def __init__(self, device: torch.device | None = None, trace: bool = False,
+                 timing: bool = True) -> None:
+        """`timing=False`: no marks at all (inference calls, which nothing tunes from)."""
+        self.timing = timing or trace
         self.bytes: dict[str, list[int]] = {}  # name -> [payload bytes, wire bytes]
         self._seconds: dict[str, float] = {}
         self._events: list[TraceEvent] | None = [] if trace else None
@@ -44,7 +47,7 @@ class StepRecorder:
     def now(self) -> Mark:
         """A mark of this moment: the host clock, or an event queued on the current stream
         (none inside a compiled graph: its ops are timed as a whole, by whoever calls it)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.timing:
             return 0.0
         if self._cuda:
             event = torch.cuda.Event(enable_timing=True)
@@ -64,7 +67,7 @@ class StepRecorder:
     def interval(self, name: str, start: Mark, chunk: int | None = None,
                  stream: str = "compute") -> None:
         """Record that `name` ran from the mark `start` (`now()`) until now."""
-        if not torch.compiler.is_compiling():
+        if self.timing and not torch.compiler.is_compiling():
             self._marks.append((name, chunk, stream, start, self.now()))
 
     @property

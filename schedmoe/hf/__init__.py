@@ -1,6 +1,8 @@
 """Hugging Face transformers integration: `convert(model)` swaps each sparse-MoE block of
 Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and GPT-OSS for an MoELayer with the same
-weights; `to_hf_state_dict(model)` gives the weights back in the original layout.
+weights; `to_hf_state_dict(model)` gives the weights back in the original layout;
+`generate(model, input_ids)` generates on each rank's own prompts (or none), every rank serving
+the others' exchanges until all are done (generate.py).
 
 Needs transformers (`pip install schedmoe[hf]`) only to build the models; this package does not
 import it.
@@ -10,5 +12,6 @@ Built on the layer. May import: `errors`, `layer`, `comm/`, `parallel/`.
 
 from .convert import HFMoEBlock, convert, to_hf_state_dict
 from .families import FAMILIES
+from .generate import generate, serve
 
-__all__ = ["convert", "to_hf_state_dict", "HFMoEBlock", "FAMILIES"]
+__all__ = ["convert", "to_hf_state_dict", "generate", "serve", "HFMoEBlock", "FAMILIES"]

@@ -70,13 +70,14 @@ class GroupLimitedSigmoidRouter(Router):
         scores_TE = torch.sigmoid(logits_TE)
         choice_TE = scores_TE.detach() + self.score_bias_E.float()
         if self.num_groups > 1:
-            num_tokens = choice_TE.shape[0]
-            choice_TGe = choice_TE.view(num_tokens, self.num_groups, -1)
+            num_tokens, num_experts = choice_TE.shape  # (no -1: zero tokens must reshape)
+            choice_TGe = choice_TE.view(num_tokens, self.num_groups,
+                                        num_experts // self.num_groups)
             group_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(
                 1, group_TG.topk(self.topk_groups, dim=-1).indices, True)
             choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")) \
-                .view(num_tokens, -1)
+                .view(num_tokens, num_experts)
         expert_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
         if self.training and self.bias_update_rate > 0 and torch._C._current_graph_task_id() == -1:
             # counted once per training call (not again in a checkpoint's recompute), on the

@@ -168,6 +168,8 @@ class AdaptiveScheduler(Scheduler):
     def run(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._run_traced(x_P, ctx)
+        if ctx.quiet:
+            return self._run_quiet(x_P, ctx)
         if ctx.recompute:
             return self._replay(x_P, ctx)
         decision = self._retry(x_P, ctx) if self._abandoned else self._decide(x_P, ctx)
@@ -256,6 +258,17 @@ class AdaptiveScheduler(Scheduler):
         degree = 1 if self._running is None else self._running.degree
         schedule = SequentialScheduler() if degree == 1 else PipelineScheduler(degree)
         return schedule.run(x_P, ctx)
+
+    def _run_quiet(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """An inference call: the tuned decision (sequential until one is tuned), with nothing
+        profiled, tried or timed: what inference runs does not bias the training's tuning."""
+        running = self._running
+        if running is None:
+            return SequentialScheduler().run(x_P, ctx)
+        step = self._context(ctx, running.algorithm, running.codec)
+        schedule = SequentialScheduler() if running.degree == 1 else \
+            PipelineScheduler(running.degree)
+        return schedule.run(x_P, step)
 
     def _replay(self, x_P: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """A recompute: the schedule of the latest forward of this shape, nothing learnt."""

@@ -45,6 +45,7 @@ class StepContext:
     shared: "SharedWork | None" = None  # the shared experts' work on this rank's tokens
     bounds: dict = field(default_factory=dict)  # chunk -> its slots [lo, hi), see `chunks`
     lanes: Lanes = INLINE  # where the work runs: CUDA streams on GPUs (streams/lanes.py)
+    quiet: bool = False  # an inference call: nothing timed, nothing tuned
 
     def chunks(self, degree: int) -> list[tuple[int, int]]:
         """Split the capacity into `degree` chunks (fewer if C is smaller); chunk i is slots
