@@ -93,7 +93,7 @@ class MoELayer(nn.Module):
         self.gate = registry("gate").resolve(cfg.gate)(
             model_dim, num_experts, top_k, normalize_weights=cfg.normalize_weights,
             noise_std=cfg.gate_noise, **cfg.gate_options)
-        expert_seed = int(torch.randint(0, 2 ** 62, ())) + self.expert_offset
+        expert_seed = int(torch.randint(0, 2 ** 62, (), device="cpu")) + self.expert_offset
         gpus = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
         expert_cls = registry("expert").resolve(cfg.expert)
         expert_args = dict(cfg.expert_options)

@@ -109,3 +109,113 @@ def _uneven(rank: int, world: int, families: list[str]) -> dict[str, bool]:
 def test_generation_with_uneven_ranks_equals_the_unconverted_model(world, families):
     for rank, out in enumerate(run_ranks(_uneven, world, families, timeout=300)):
         assert out == {family: True for family in families}, (rank, out)
+
+
+# -- sharded loading ---------------------------------------------------------------------------
+
+def _save_all(root: str) -> None:
+    for family in FAMILIES:
+        tiny_model(family).save_pretrained(f"{root}/{family}", max_shard_size="20KB")
+
+
+def _sharded(rank: int, world: int, root: str) -> dict[str, list[str]]:
+    """Each family loaded by from_pretrained: every tensor of this rank equals the converted
+    full model's, and the logits the unconverted model's."""
+    out = {}
+    for family in FAMILIES:
+        reference = tiny_model(family)
+        want = hf.convert(copy.deepcopy(reference)).state_dict()
+        model = hf.from_pretrained(f"{root}/{family}")
+        got = model.state_dict()
+        wrong = sorted(k for k in want.keys() | got.keys()
+                       if k not in got or k not in want or not torch.equal(got[k], want[k]))
+        ids = token_ids(rank)
+        with torch.no_grad():
+            if not torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-5,
+                                  rtol=1e-5):
+                wrong.append("logits")
+        out[family] = wrong
+    return out
+
+
+def test_sharded_loading_reads_each_ranks_experts_of_every_family(tmp_path):
+    _save_all(str(tmp_path))
+    assert len(list((tmp_path / "mixtral").glob("*.safetensors"))) > 2  # several files
+    for out in run_ranks(_sharded, 2, str(tmp_path), timeout=300):
+        assert out == {family: [] for family in FAMILIES}, out
+
+
+def _without(root: str, family: str, key: str) -> str:
+    """A copy of the checkpoint of `family` without the tensor `key` (index and file)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+    src, dst = Path(root) / family, Path(root) / f"{family}-without"
+    shutil.copytree(src, dst)
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    file = dst / index["weight_map"].pop(key)
+    tensors = load_file(file)
+    del tensors[key]
+    save_file(tensors, file, metadata={"format": "pt"})
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return str(dst)
+
+
+def _load_error(rank: int, world: int, path: str) -> str:
+    try:
+        hf.from_pretrained(path)
+    except schedmoe.errors.CheckpointError as exc:
+        return str(exc)
+    return "loaded"
+
+
+def test_a_missing_expert_is_the_same_error_on_every_rank(tmp_path):
+    key = "model.layers.1.block_sparse_moe.experts.6.w3.weight"  # rank 1's (experts 4-7)
+    tiny_model("mixtral").save_pretrained(tmp_path / "mixtral", max_shard_size="20KB")
+    path = _without(str(tmp_path), "mixtral", key)
+    errors = run_ranks(_load_error, 2, path)
+    assert errors[0] == errors[1], errors
+    assert "model.layers.1.mlp.experts.6.w3.weight is not in the checkpoint" in errors[0]
+    assert "found by rank 1" in errors[0]
+
+
+LARGE = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4,
+             num_local_experts=8, num_experts_per_tok=2)
+
+
+def _status(field: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS, VmHWM)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+def _peak(rank: int, world: int, path: str, tiny: str) -> tuple[int, int, int]:
+    """This rank's peak memory growth while loading, its dense bytes and all expert bytes.
+    What a process pays once whatever it loads (~10 MB of imported code, process groups) is
+    paid before measuring, by loading a tiny checkpoint of the same family first."""
+    hf.from_pretrained(tiny)
+    before = _status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) restarts from now
+    model = hf.from_pretrained(path)
+    grew = _status("VmHWM") - before
+    experts = {id(p) for b in model.modules() if isinstance(b, hf.HFMoEBlock)
+               for p in b.moe.experts.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in experts)
+    total_experts = 4 * 8 * 3 * 256 * 2048 * 4
+    return grew, dense, total_experts
+
+
+def test_sharded_loading_peaks_at_a_ranks_share(tmp_path):
+    """A model whose experts are 99% of its parameters: each rank's peak memory growth while
+    loading stays within 1.3x (dense + experts / W), measured in fresh processes."""
+    tiny_model("mixtral", **LARGE).save_pretrained(tmp_path / "large", max_shard_size="8MB")
+    tiny_model("mixtral").save_pretrained(tmp_path / "tiny")
+    for world in (2, 4):
+        for grew, dense, experts in run_ranks(_peak, world, str(tmp_path / "large"),
+                                              str(tmp_path / "tiny")):
+            assert experts >= 0.8 * (experts + dense)
+            assert grew <= 1.3 * (dense + experts / world), (world, grew, dense, experts)
