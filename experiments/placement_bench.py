@@ -1,7 +1,7 @@
 """Expert placement under skewed routing: step time of the static placement, a planned one and
 a planned one with a replica slot a rank, side by side (issue 27).
 
-    python3 experiments/placement_bench.py            # ~4 minutes on 2 cores
+    python3 experiments/placement_bench.py            # ~5 minutes on 2 cores
 
 Routing is skewed by a gate bias on Zipf-like scores, scaled until the static placement's
 busiest rank gets 1.5x (and 2.0x) the mean pairs; a balanced run (no bias) shows the overhead;
@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -125,20 +126,23 @@ def bench_rank(rank: int, world: int, pinned: bool, skews: list[str], steps: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--skews", nargs="+", default=["1.0", "1.5", "2.0", "hot 1.5"])
+    parser.add_argument("--out", default="placement_bench", help="results file name")
     args = parser.parse_args()
-    skews = ["1.0", "1.5", "2.0", "hot 1.5"]
+    skews = args.skews
     results = {}
     for label, world, pinned in (("2 ranks pinned", 2, True), ("4 loopback ranks", 4, False)):
         results[label] = run_ranks(bench_rank, world, pinned, skews, args.steps, args.reps,
                                    timeout=1800, collective_timeout=300)[0]
         print(label, json.dumps({s: r["step_ms"] for s, r in results[label].items()}))
-    record = {"command": "python3 experiments/placement_bench.py", "sizes": dict(
+    record = {"command": " ".join(["python3 experiments/placement_bench.py", *sys.argv[1:]]),
+              "sizes": dict(
         model_dim=M, hidden_dim=H, experts=E, top_k=K, tokens_per_rank=T),
         "steps": args.steps, "reps": args.reps, "results": results}
     OUT.mkdir(exist_ok=True)
-    (OUT / "placement_bench.json").write_text(json.dumps(record, indent=1))
-    plot(results, OUT / "placement_bench.png")
+    (OUT / f"{args.out}.json").write_text(json.dumps(record, indent=1))
+    plot(results, OUT / f"{args.out}.png")
 
 
 def plot(results: dict, path: Path) -> None:

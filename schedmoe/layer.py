@@ -177,6 +177,7 @@ class MoELayer(nn.Module):
         if cfg.input_jitter and self.training and isinstance(x, torch.Tensor):
             x = x * torch.empty_like(x).uniform_(1 - cfg.input_jitter, 1 + cfg.input_jitter)
         local, routed = self._route(x, device, route_timer)
+        local.quiet = quiet  # agreed: a training call's global balance loss all-reduces
 
         def send(agreed: Agreed, rider: Rider | None, running: tuple | None,
                  timer: StepRecorder) -> tuple:

@@ -83,6 +83,25 @@ def test_the_no_grad_path_makes_only_the_agreement_and_the_exchanges():
         assert out["train"]["tuned"] and not out["no_grad eval"]["tuned"]
 
 
+def _mixed_modes(rank: int, world: int) -> str:
+    """Rank 0 in eval mode, rank 1 in training mode, both under no_grad: one would make the
+    global balance loss's all-reduce and the other not."""
+    layer = schedmoe.MoELayer(8, 4, 16, capacity_factor=0.0, balance_loss="global",
+                              balance_group=dist.group.WORLD)
+    layer.train(rank == 1)
+    try:
+        with torch.no_grad():
+            layer(torch.randn(5, 8))
+    except schedmoe.errors.InputError as exc:
+        return str(exc)
+    return "ran"
+
+
+def test_ranks_in_other_modes_get_a_typed_error_not_a_hang():
+    for said in run_ranks(_mixed_modes, 2):
+        assert "call kind" in said and "rank 0: inference" in said, said
+
+
 def _uneven(rank: int, world: int, families: list[str]) -> dict[str, bool]:
     """Each rank generates for its own prompts: lengths and batch sizes differ by rank, rank 1
     stops 10 tokens before the others, the last rank has no prompts at all; every rank's tokens
@@ -181,7 +200,7 @@ def test_a_missing_expert_is_the_same_error_on_every_rank(tmp_path):
     assert "found by rank 1" in errors[0]
 
 
-LARGE = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4,
+LARGE = dict(hidden_size=128, intermediate_size=2048, num_hidden_layers=4,
              num_local_experts=8, num_experts_per_tok=2)
 
 
@@ -205,7 +224,7 @@ def _peak(rank: int, world: int, path: str, tiny: str) -> tuple[int, int, int]:
     experts = {id(p) for b in model.modules() if isinstance(b, hf.HFMoEBlock)
                for p in b.moe.experts.parameters()}
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in experts)
-    total_experts = 4 * 8 * 3 * 256 * 2048 * 4
+    total_experts = 4 * 8 * 3 * 128 * 2048 * 4
     return grew, dense, total_experts
 
 

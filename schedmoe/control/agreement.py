@@ -107,15 +107,17 @@ class LocalStep:
     error: BaseException | None = None  # a local failure (problem FAILED)
     counts: list[int] | None = None  # ragged rows: rows this rank sends to each expert
     idle: bool = False  # a serving call: this rank has no work left, it keeps the others going
+    quiet: bool = False  # an inference call (no aux losses, whose global form all-reduces)
 
     def record(self) -> list[int]:
         dtype = dtype_code(getattr(torch, self.dtype)) if self.dtype != "-" else 0
         device = device_code(self.device_type) if self.device_type != "-" else 0
         return [self.problem, dtype, device, int(self.graph), int(self.input_grad),
-                self.limit, self.layout, int(self.idle)]
+                self.limit, self.layout, int(self.idle), int(self.quiet)]
 
 
-_COLUMNS = ("problem", "dtype", "device", "graph", "input_grad", "limit", "layout", "idle")
+_COLUMNS = ("problem", "dtype", "device", "graph", "input_grad", "limit", "layout", "idle",
+            "quiet")
 
 
 def check_input(x: object, device: torch.device, model_dim: int, experts: torch.nn.Module,
@@ -304,7 +306,9 @@ class Agreement:
         self._agreed_crc = crcs.pop()
         shown = {"dtype": ("input dtype", local.dtype),
                  "device": ("input device type", local.device_type),
-                 "graph": ("autograd state (graph built through the layer)", _graph_text(local))}
+                 "graph": ("autograd state (graph built through the layer)", _graph_text(local)),
+                 "quiet": ("call kind (inference: inference_mode, or no_grad in eval mode)",
+                           "inference" if local.quiet else "training")}
         for name, (what, mine) in shown.items():
             if len(set(col[name])) > 1:
                 values = self._swap(mine)
@@ -312,7 +316,8 @@ class Agreement:
                     f"the {what} differs across the ranks of the EP group ("
                     + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
                     + "); every rank must call the layer alike (same dtype and device type, "
-                    "all in training with grad enabled or all under no_grad)")
+                    "all in training with grad enabled or all under no_grad, all in train() or "
+                    "all in eval() mode)")
         agreed = Agreed(max(col["limit"]), any(col["input_grad"]), tuple(col["layout"]),
                         local.dtype, all_idle=all(col["idle"]))
         if RECONFIGURED in problems:  # every rank changed its options alike
