@@ -57,7 +57,8 @@ def _status(field: str) -> float:
 def _run(model, batch: int, seed: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one prompt batch and STEPS greedy steps, every
     rank in step (the slowest rank's times)."""
-    ids = torch.randint(1, VOCAB - 1, (batch, PROMPT), generator=torch.Generator().manual_seed(seed))
+    ids = torch.randint(1, VOCAB - 1, (batch, PROMPT),
+                        generator=torch.Generator().manual_seed(seed))
     times = []
     with torch.no_grad():
         dist.barrier()

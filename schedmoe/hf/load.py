@@ -168,13 +168,17 @@ class _Reader:
         out = torch.empty(shape, dtype=dtype)
         with open(file, "rb") as f:
             f.seek(start + begin + lo * row)
-            if f.readinto(out.view(-1).view(torch.uint8).numpy()) != out.numel() * out.element_size():
-                raise CheckpointError(f"{file} ends inside {key}: the file is truncated")
+            read = f.readinto(out.view(-1).view(torch.uint8).numpy())
+        if read != out.numel() * out.element_size():
+            raise CheckpointError(f"{file} ends inside {key}: the file is truncated")
         return out
 
 
 @torch.no_grad()
 def _load(model: nn.Module, path: Path, model_type: str) -> None:
+    """Fill the materialised model from the checkpoint at `path`: each block's experts of this
+    rank, then every other tensor under its own name; raise CheckpointError for what is
+    missing or shaped otherwise."""
     files = _files(path)
     renames = _RENAMES.get(model_type, ())
     disk = {}  # module-side name -> disk name
@@ -194,7 +198,12 @@ def _load(model: nn.Module, path: Path, model_type: str) -> None:
         if id(tensor) in loaded or any(name.startswith(f"{b}.moe.") for b in blocks):
             continue
         if name in disk:
-            tensor.copy_(reader.tensor(disk[name]))
+            value = reader.tensor(disk[name])
+            if value.shape != tensor.shape:
+                raise CheckpointError(f"{disk[name]} has shape {tuple(value.shape)}, the "
+                                      f"model's {name} {tuple(tensor.shape)}: the checkpoint "
+                                      "is of another model")
+            tensor.copy_(value)
             loaded.add(id(tensor))
     persistent = {n for n, _ in model.named_parameters(remove_duplicate=False)} | {
         n for n in model.state_dict() if n in targets}

@@ -15,11 +15,11 @@ replicas); a rank's load is the sum over its slots. The planner (`plan_placement
    it (its gradient sum then stays inside the node) when that costs no more than the lightest;
 3. choice: the candidates (the current placement; the plan from scratch and the plan that
    keeps each rank's current experts where it can, each with the replicas and without them,
-   the replica slots left empty; the static placement, its replica slots empty) are scored by the step time they predict (the slowest rank's
-   load, `seconds_per_pair`, plus each replicated expert's gradient sum,
-   `seconds_per_replica`) plus the cost of moving the experts that change rank
-   (`seconds_per_move`, amortised over `steps_between`); a new plan is taken only when its
-   predicted gain beats the cost of moving.
+   the replica slots left empty; the static placement, its replica slots empty) are scored
+   by the step time they predict (the slowest rank's load, `seconds_per_pair`, plus each
+   replicated expert's gradient sum, `seconds_per_replica`) plus the cost of moving the
+   experts that change rank (`seconds_per_move`, amortised over `steps_between`); a new plan
+   is taken only when its predicted gain beats the cost of moving; ties go to fewer moves.
 Pure host-side functions on numpy arrays: every rank computes the same plan from the same
 (all-reduced) load.
 """

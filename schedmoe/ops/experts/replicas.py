@@ -3,8 +3,9 @@ plan/placement.py), an expert held by several slots (replicas) in identical copi
 
 Legend: E logical experts, W ranks of the EP group, n = E / W, S physical slots a rank; every
 expert parameter is `[S, ...]` (one row per slot); `slots[w][s]` is the logical expert in slot s
-of rank w, or EMPTY (a slot holding no expert: its rows are zeros and no pair goes there). A rank's "logical rows" are experts [w n, (w + 1) n) in order: the static layout,
-which is the form checkpoints and plain state dicts keep (global expert identity).
+of rank w, or EMPTY (a slot holding no expert: its rows are zeros and no pair goes there). A
+rank's "logical rows" are experts [w n, (w + 1) n) in order: the static layout, which is the
+form checkpoints and plain state dicts keep (global expert identity).
 
 - `to_slots`: this rank's slots from every rank's logical rows (one all-gather).
 - `to_logical`: this rank's logical rows from every rank's slots (one all-gather), each expert
