@@ -17,6 +17,6 @@
   files), raising `ConfigError` with one line.
 
 Control plane. May import: `errors`, `registry`, `comm/`, `streams/`, `routing/`, `ops/`,
-`a2a_algos/`.
+`a2a_algos/`, `plan/` (placements, for the expert load).
 The schedulers (`schedulers/`) and the simulator (`sim/`) are the rest of the control plane.
 """

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..plan.placement import Placement, static_placement
 from ..streams.lanes import INLINE, Lanes
 
 
@@ -62,18 +63,14 @@ class LoadStats:
     tokens: list[float]  # pairs per call routed to each global expert (moving average)
     dropped: list[float]  # of those, dropped at the expert's capacity
     ranks: int  # W, the EP group's size
-    slots: tuple | None = None  # the layer's placement (plan/placement.py); None: static
+    placement: Placement | None = None  # the layer's (plan/placement.py); None: static
 
     @property
     def per_rank(self) -> list[float]:
         """Pairs per call the experts of each EP rank receive (a replica: its expert's pairs
         over its replicas)."""
-        if self.slots is None:
-            n = len(self.tokens) // self.ranks
-            return [sum(self.tokens[w * n:(w + 1) * n]) for w in range(self.ranks)]
-        held = [sum(e in row for row in self.slots) for e in range(len(self.tokens))]
-        return [sum(self.tokens[e] / held[e] for e in row if e >= 0)  # (-1: an empty slot)
-                for row in self.slots]
+        placement = self.placement or static_placement(len(self.tokens), self.ranks)
+        return placement.rank_loads(self.tokens).tolist()
 
     @property
     def balancedness(self) -> float:
@@ -98,7 +95,6 @@ def read_loads(summed: list[float], layers: list) -> list[LoadStats]:
     for layer in layers:
         n = layer.load.average_2E.numel()
         found.append(LoadStats(summed[at:at + n // 2], summed[at + n // 2:at + n],
-                               layer.group.size,
-                               layer.placement.slots if layer.placed else None))
+                               layer.group.size, layer.placement))
         at += n
     return found

@@ -93,7 +93,8 @@ def _parameters_on_meta():
 
 @torch.no_grad()
 def _materialize(model: nn.Module) -> None:
-    """Allocate every meta parameter on the CPU (a tied one once) and zero every meta buffer
+    """Allocate every meta parameter on the CPU (a tied or shared one once: the gate keeps
+    sharing the router's weight) and zero every meta buffer
     (the layers' own: counters and selection biases, which start at zero; a checkpoint's
     selection bias is the router's buffer, real, shared with the gate by `convert`)."""
     made: dict[int, nn.Parameter] = {}
@@ -107,12 +108,6 @@ def _materialize(model: nn.Module) -> None:
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.device.type == "meta":
                 module._buffers[name] = torch.zeros_like(buffer, device="cpu")
-    for module in model.modules():  # the layers' own references to what was replaced
-        if isinstance(module, HFMoEBlock):
-            layer, router = module.moe, module.hf_router
-            layer.gate.wg_EM = router.weight
-            if getattr(router, "bias", None) is not None and layer.gate.bias_E is not None:
-                layer.gate.bias_E = router.bias
 
 
 def _files(path: Path) -> dict[str, Path]:

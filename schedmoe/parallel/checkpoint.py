@@ -112,13 +112,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module,
     path = Path(path)
     manifest = verify_checkpoint(path)
     experts = ExpertMap(model)
-    state, targets, expert_keys = _state(model, optimizer, layout, experts)
-    owners = _owners(experts, targets)
+    state, targets, owners = _state(model, optimizer, layout, experts)
     saved = dcp.FileSystemReader(os.fspath(path)).read_metadata().state_dict_metadata
     if optimizer is not None and not strict and not any(k.startswith("optim.") for k in saved):
         optimizer = None  # saved without one: load the model only
         state = {k: v for k, v in state.items() if not k.startswith("optim.")}
-    _agree(_account(path, state, expert_keys, saved, strict))
+    _agree(_account(path, state, set(owners), saved, strict))
     state = {k: v for k, v in state.items() if k in saved or not isinstance(v, torch.Tensor)}
     same_layout = (manifest["world_size"], manifest["ep_size"]) == (dist.get_world_size(),
                                                                     layout.ep_size)
@@ -190,13 +189,14 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
 # -- the state: one flat dict, expert tensors as global DTensors ------------------------------
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: ParallelLayout,
-           experts: ExpertMap) -> tuple[dict, dict, set[str]]:
+           experts: ExpertMap) -> tuple[dict, dict, dict[str, ExpertTensor]]:
     """One flat dict: "model.<fqn>", "optim.state.<fqn>.<name>", "optim.param_groups" (canonical
     FQNs); every expert tensor as a DTensor of its global shape. And the tensors of the model
-    and optimizer that each tensor entry stands for (where a load writes), by key; and the keys
-    of the expert tensors."""
+    and optimizer that each tensor entry stands for (where a load writes), by key; and the
+    expert behind each key of an expert tensor or its optimizer state (whose rows a load maps
+    back from logical form), in the same order on every rank."""
     check_layers(model, layout)
-    state, targets, expert_keys = {}, {}, set()
+    state, targets, owners = {}, {}, {}
     for fqn, value, expert in model_entries(model, experts):
         key = f"model.{fqn}"
         if isinstance(value, torch.Tensor):
@@ -204,7 +204,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Pa
             value = value.detach()
             if expert is not None:
                 value = _global(expert.logical(value), expert, layout, key)
-                expert_keys.add(key)
+                owners[key] = expert
         state[key] = value
     if optimizer is not None:
         optim = get_optimizer_state_dict(model, optimizer)
@@ -216,7 +216,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Pa
                     targets[key] = value
                     if expert is not None and value.dim():
                         value = _global(expert.logical(value), expert, layout, key)
-                        expert_keys.add(key)
+                        owners[key] = expert
                 state[key] = value
         state["optim.param_groups"] = optim["param_groups"]
         held = {id(p) for group in optimizer.param_groups for p in group["params"]
@@ -226,22 +226,7 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Pa
         if lost:
             raise CheckpointError(f"the optimizer state of expert parameter(s) {lost} is not "
                                   "under their names; pass the model the optimizer was built on")
-    return state, targets, expert_keys
-
-
-def _owners(experts: ExpertMap, targets: dict) -> dict[str, ExpertTensor]:
-    """The expert tensor behind each key of `targets` that is an expert tensor or its
-    optimizer state (whose rows a load maps back from logical form), in the same order on
-    every rank."""
-    owners = {}
-    for key, target in targets.items():
-        if key.startswith("model.") and target in experts:
-            owners[key] = experts.get(target)
-        elif key.startswith("optim.state.") and target.dim():
-            fqn = key[len("optim.state."):].rsplit(".", 1)[0]
-            if fqn in experts.by_fqn:
-                owners[key] = experts.by_fqn[fqn]
-    return owners
+    return state, targets, owners
 
 
 def model_entries(model: nn.Module, experts: ExpertMap

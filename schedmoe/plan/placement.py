@@ -138,8 +138,7 @@ def pack(load_E: np.ndarray, replicas_E: np.ndarray, ranks: int, slots: int,
         w = min(near or free, key=lambda r: (rank_load[r], r))
         rows[w].append(e)
         rank_load[w] += share
-    return Placement(tuple(tuple(sorted(row)) + (EMPTY,) * (slots - len(row)) for row in rows),
-                     int(load_E.size))
+    return _padded(Placement(tuple(tuple(sorted(row)) for row in rows), int(load_E.size)), slots)
 
 
 def _make_room(rows: list[list[int]], rank_load: np.ndarray, share_E: np.ndarray, e: int,

@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from ..errors import ConfigError
 from ..registry import register_gate
-from .base import Router, Routing, z_loss
 from ..streams.lanes import lanes_for
+from .base import Router, Routing, z_loss
 from .capacity import count_per_expert
 
 

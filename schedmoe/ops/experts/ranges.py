@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import CheckpointError
-from .replicas import EMPTY
+from .replicas import EMPTY, take_rows
 
 KEY = "expert_range"
 SLOTS_KEY = "expert_slots"
@@ -72,11 +72,8 @@ def load_expert_range(layer: nn.Module, state_dict: dict, prefix: str, *_args) -
             f"{need}, and {missing} are not there. Save every expert with "
             "schedmoe.parallel.full_state_dict(model), or use schedmoe.parallel.save_checkpoint"
             " / load_checkpoint, which reshard")
-    index = torch.tensor([held.index(e) if e != EMPTY else 0 for e in need])
-    empty = torch.tensor([e == EMPTY for e in need])
+    rows = [held.index(e) if e != EMPTY else EMPTY for e in need]  # an empty slot: zeros
     for key in [k for k in state_dict if k.startswith(prefix + "experts.")]:
         value = state_dict[key]
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == len(held):
-            rows = value[index.to(value.device)]
-            rows[empty.to(value.device)] = 0  # an empty slot holds zeros
-            state_dict[key] = rows
+            state_dict[key] = take_rows(value, rows)

@@ -76,11 +76,12 @@ def to_slots(rows: torch.Tensor, slots: Slots, group: EPGroup) -> torch.Tensor:
     """This rank's slots [S, ...] from each rank's logical rows `rows` [n, ...] (a
     collective)."""
     every = _all_gather(rows, group, "the replica slots' fill")  # [E, ...] in expert order
-    return _take(every, slots[group.rank])
+    return take_rows(every, slots[group.rank])
 
 
-def _take(every: torch.Tensor, row: tuple[int, ...]) -> torch.Tensor:
-    """The rows of `every` [E, ...] for a rank's slots `row`, zeros for an empty slot."""
+def take_rows(every: torch.Tensor, row: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """The rows `row` of `every` (for a rank's slots: expert ids into [E, ...]), zeros where
+    `row` is EMPTY."""
     index = torch.tensor([max(e, 0) for e in row], device=every.device)
     out = every[index]
     empty = [s for s, e in enumerate(row) if e == EMPTY]
@@ -111,7 +112,7 @@ def move_slots(experts: nn.Module, old: Slots, new: Slots, num_experts: int, gro
                         if isinstance(v, torch.Tensor) and v.shape == param.shape]
         for t in tensors:
             every = _every_expert(t, old, num_experts, group, "the experts' re-placement")
-            t.copy_(_take(every, new[group.rank]))
+            t.copy_(take_rows(every, new[group.rank]))
 
 
 def first_copies(slots: Slots, rank: int) -> list[int]:
