@@ -13,7 +13,9 @@ Times are the slowest rank's; tokens/s count every rank's tokens (W B per decode
 converted model and one process's (B) for the unconverted one; medians over the rounds.
 
 Memory: VmHWM growth while loading (after a tiny load paid the imports), and the peak after
-decoding. Per-part costs: one decode step at B = 1 with every layer tracing (the ops timed by
+decoding; and, in fresh processes on 1, 2 and 4 ranks, a Mixtral whose experts are 99% of its
+parameters (M 256, I 2048, 4 layers x 8 experts, 8 MB files): the first (tiny) load's growth
+and the large load's growth against the rank's share, dense + experts / W. Per-part costs: one decode step at B = 1 with every layer tracing (the ops timed by
 the layer's recorder, summed over layers), and the whole step on the inference path against
 the full training path (no_grad in training mode: aux losses, timing, tuning).
 
@@ -143,6 +145,34 @@ def bench_rank(rank: int, world: int, roots: dict[str, str], tiny: str, reps: in
     return found
 
 
+LARGE = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4,
+             num_local_experts=8, num_experts_per_tok=2)  # experts: 99% of the parameters
+
+
+def _grow(load) -> float:
+    """MB the peak RSS (VmHWM) grows by while `load()` runs."""
+    before = _status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # the peak restarts from now
+    load()
+    return _status("VmHWM") - before
+
+
+def memory_rank(rank: int, world: int, large: str, tiny: str) -> dict:
+    """In a fresh process: what the first (tiny) load costs (imports, process groups), then
+    the large model's load growth against the rank's share, dense + experts / W."""
+    first = _grow(lambda: hf.from_pretrained(tiny))
+    kept = []
+    large_mb = _grow(lambda: kept.append(hf.from_pretrained(large)))
+    experts = {id(p) for layer in moe_layers_in_order(kept[0]) for p in layer.experts.parameters()}
+    dense = sum(p.numel() * p.element_size() for p in kept[0].parameters()
+                if id(p) not in experts) / 2 ** 20
+    total = LARGE["num_hidden_layers"] * LARGE["num_local_experts"] * 3 * \
+        LARGE["hidden_size"] * LARGE["intermediate_size"] * 4 / 2 ** 20
+    share = dense + total / world
+    return {"first_load_growth_mb": first, "load_growth_mb": large_mb, "share_mb": share,
+            "ratio": large_mb / share}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
@@ -165,8 +195,14 @@ def main() -> None:
                 for family in FAMILIES}
             print(world, {f: round(v["schedmoe"]["1"]["decode_tok_s"])
                           for f, v in results[str(world)].items()})
+        tiny_model("mixtral", **LARGE).save_pretrained(f"{tmp}/large", max_shard_size="8MB")
+        memory = {str(world): run_ranks(memory_rank, world, f"{tmp}/large", f"{tmp}/tiny",
+                                        timeout=600)
+                  for world in (1, 2, 4)}
+        print("load memory", {w: [round(r["ratio"], 3) for r in v] for w, v in memory.items()})
     record = {"command": "python3 experiments/inference_bench.py", "prompt": PROMPT,
-              "decode_steps": STEPS, "reps": args.reps, "results": results}
+              "decode_steps": STEPS, "reps": args.reps, "results": results,
+              "load_memory": {"model": {"family": "mixtral", **LARGE}, "per_rank": memory}}
     OUT.mkdir(exist_ok=True)
     (OUT / "inference_bench.json").write_text(json.dumps(record, indent=1))
     plot(results, OUT / "inference_bench.png")

@@ -200,7 +200,7 @@ def test_a_missing_expert_is_the_same_error_on_every_rank(tmp_path):
     assert "found by rank 1" in errors[0]
 
 
-LARGE = dict(hidden_size=128, intermediate_size=2048, num_hidden_layers=4,
+LARGE = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4,
              num_local_experts=8, num_experts_per_tok=2)
 
 
@@ -224,7 +224,7 @@ def _peak(rank: int, world: int, path: str, tiny: str) -> tuple[int, int, int]:
     experts = {id(p) for b in model.modules() if isinstance(b, hf.HFMoEBlock)
                for p in b.moe.experts.parameters()}
     dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in experts)
-    total_experts = 4 * 8 * 3 * 128 * 2048 * 4
+    total_experts = 4 * 8 * 3 * 256 * 2048 * 4
     return grew, dense, total_experts
 
 

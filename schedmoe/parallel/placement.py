@@ -22,8 +22,10 @@ from .mesh import expert_load, named_moe_layers
 
 # A replicated expert's gradient sum (about twice its weights over the wire) in pairs' compute
 # (6 flops a weight): both scale with the expert's size, so the ratio is the machine's. 150
-# was measured on 2 CPU ranks over gloo (experiments/placement_bench.py: a replica slot a rank
-# cost 7% of a balanced step); NVLink GPUs have a lower ratio, inter-node links a higher one.
+# comes from 2 CPU ranks over gloo: a filled replica slot a rank made a balanced 154 ms step
+# 12 ms slower, ~6 ms per replicated expert, ~160 pairs' time (docs/placement.md; the JSON of
+# experiments/placement_bench.py as of commit 6a1b4d6). NVLink GPUs have a lower ratio,
+# inter-node links a higher one.
 REPLICA_PAIRS = 150.0
 
 
