@@ -13,11 +13,13 @@ Times are the slowest rank's; tokens/s count every rank's tokens (W B per decode
 converted model and one process's (B) for the unconverted one; medians over the rounds.
 
 Memory: VmHWM growth while loading (after a tiny load paid the imports), and the peak after
-decoding; and, in fresh processes on 1, 2 and 4 ranks, a Mixtral whose experts are 99% of its
+decoding; and, in fresh processes on 1, 2 and 4 ranks, a Mixtral whose experts are 98% of its
 parameters (M 256, I 2048, 4 layers x 8 experts, 8 MB files): the first (tiny) load's growth
-and the large load's growth against the rank's share, dense + experts / W. Per-part costs: one decode step at B = 1 with every layer tracing (the ops timed by
-the layer's recorder, summed over layers), and the whole step on the inference path against
-the full training path (no_grad in training mode: aux losses, timing, tuning).
+and the large load's growth against the rank's share, dense + experts / W.
+
+Per-part costs: one decode step at B = 1 with every layer tracing (the ops timed by the layer's
+recorder, summed over layers), and the whole step on the inference path against the full
+training path (no_grad in training mode: aux losses, timing, tuning).
 
 Writes experiments/results/inference_bench.json and .png; the table is in docs/inference.md.
 """
@@ -146,7 +148,7 @@ def bench_rank(rank: int, world: int, roots: dict[str, str], tiny: str, reps: in
 
 
 LARGE = dict(hidden_size=256, intermediate_size=2048, num_hidden_layers=4,
-             num_local_experts=8, num_experts_per_tok=2)  # experts: 99% of the parameters
+             num_local_experts=8, num_experts_per_tok=2)  # experts: 98% of the parameters
 
 
 def _grow(load) -> float:
